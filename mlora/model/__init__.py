@@ -1,0 +1,1 @@
+"""Adapter layers, base-model loading and injection."""
