@@ -1,0 +1,212 @@
+"""A frozen causal LM carrying many named adapters at once.
+
+`MultiAdapterModel` wraps the model transformers built. Adding an adapter wraps each
+targeted projection in a `LoraLinear` (once; later adapters join the same wrapper) and, for
+MixLoRA adapters, each FFN in a `MixLoraFFN`. The wrappers keep the original modules as
+`base_layer` / `base_mlp`, so quantized layers stay quantized and nothing is copied.
+
+One forward serves a mixed batch: `forward(input_ids, attention_mask, layout)` where the
+layout says which contiguous rows belong to which adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mlora.model.context import AdapterContext, BatchLayout
+from mlora.model.lora import LoraLinear
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be added to (or found on) this model; the message says why."""
+
+
+@dataclass
+class AdaptedOutput:
+    """What `MultiAdapterModel.forward` returns.
+
+    Attributes:
+        logits: ``(B, T, vocab)`` in the base model's dtype.
+        router_logits: adapter name -> list over MixLoRA layers of ``(logits (N, E) fp32,
+            token mask (N,) bool | None)``; empty for LoRA-only batches.
+    """
+
+    logits: torch.Tensor
+    router_logits: dict[str, list]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers causal LM (``model.model.layers`` for Llama)."""
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) > 0:
+            return module
+    raise AdapterError(f"{type(model).__name__}: no decoder 'layers' list found; "
+                       "mlora supports models whose decoder layers live in a `layers` ModuleList")
+
+
+def _parent_and_attr(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (root.get_submodule(parent_path) if parent_path else root), attr
+
+
+def _find_projection(layer: nn.Module, target: str) -> str | None:
+    """Path inside `layer` of the module named `target` (``self_attn.q_proj``), or None."""
+    for path, module in layer.named_modules():
+        if path.rsplit(".", 1)[-1] == target and not path.endswith("base_layer"):
+            if isinstance(module, LoraLinear) or hasattr(module, "in_features"):
+                return path
+    return None
+
+
+def lora_kwargs(cfg) -> dict:
+    """The `LoraAdapter` keyword arguments of an adapter config (attention / plain LoRA)."""
+    return dict(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, lora_init=cfg.lora_init)
+
+
+class MultiAdapterModel(nn.Module):
+    """A frozen transformers causal LM plus any number of named adapters.
+
+    Every base parameter is frozen on construction; only adapter parameters train.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.context = AdapterContext()
+        # Shared with the model so the inference API and checkpointing can find it.
+        object.__setattr__(model, "mlora_context", self.context)
+        self.configs: dict = {}
+
+    # ----------------------------------------------------------------- adapters
+    def add_adapter(self, cfg, *, seed: int | None = None) -> None:
+        """Inject adapter `cfg.name` (a `LoraConfig` or `MixLoraConfig`) into every layer.
+
+        `seed` makes the initial weights reproducible without touching the global RNG.
+        Raises `AdapterError` for a duplicate name or a target module the model lacks.
+        """
+        if cfg.name in self.configs:
+            raise AdapterError(f"adapter {cfg.name!r} is already loaded")
+        if "." in cfg.name:
+            raise AdapterError(f"adapter name {cfg.name!r} must not contain '.'")
+        layers = decoder_layers(self.model)
+        missing = [t for t in cfg.target_modules if _find_projection(layers[0], t) is None]
+        if missing:
+            names = sorted({p.rsplit(".", 1)[-1] for p, m in layers[0].named_modules()
+                            if hasattr(m, "in_features") and not p.endswith("base_layer")})
+            raise AdapterError(f"adapter {cfg.name!r}: target module(s) {missing} not found in "
+                               f"{type(self.model).__name__}; available: {names}")
+        rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+        with rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            for index, layer in enumerate(layers):
+                self._add_to_layer(cfg, index, layer)
+        self.configs[cfg.name] = cfg
+
+    def _add_to_layer(self, cfg, index: int, layer: nn.Module) -> None:
+        moe_here = getattr(cfg, "is_moe", False) and _has_experts(cfg, index)
+        for target in cfg.target_modules:
+            if moe_here and target in FFN_PROJECTIONS:
+                continue  # the experts carry the FFN LoRA
+            self._wrap(layer, _find_projection(layer, target)).add(cfg.name, **lora_kwargs(cfg))
+        if moe_here:
+            from mlora.model.mixlora import MixLoraFFN
+
+            mlp_path = _find_mlp(layer)
+            parent, attr = _parent_and_attr(layer, mlp_path)
+            ffn = getattr(parent, attr)
+            if not isinstance(ffn, MixLoraFFN):
+                ffn = MixLoraFFN(ffn, self.context)
+                setattr(parent, attr, ffn)
+            ffn.add(cfg)
+
+    def _wrap(self, layer: nn.Module, path: str) -> LoraLinear:
+        parent, attr = _parent_and_attr(layer, path)
+        module = getattr(parent, attr)
+        if not isinstance(module, LoraLinear):
+            module = LoraLinear(module, self.context)
+            setattr(parent, attr, module)
+        return module
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter `name` everywhere; wrappers left with no adapter are unwrapped."""
+        if name not in self.configs:
+            raise AdapterError(f"adapter {name!r} is not loaded (loaded: {list(self.configs)})")
+        from mlora.model.mixlora import MixLoraFFN
+
+        for path, module in list(self.model.named_modules()):
+            if isinstance(module, (LoraLinear, MixLoraFFN)) and module.remove(name):
+                parent, attr = _parent_and_attr(self.model, path)
+                setattr(parent, attr, module.base_module)
+        del self.configs[name]
+
+    def adapter_modules(self, name: str) -> dict[str, nn.Module]:
+        """Path of each wrapper (``model.layers.0.self_attn.q_proj``) -> adapter `name`'s module there."""
+        from mlora.model.mixlora import MixLoraFFN
+
+        found = {}
+        for path, module in self.model.named_modules():
+            if isinstance(module, LoraLinear) and name in module.adapters:
+                found[path] = module.adapters[name]
+            elif isinstance(module, MixLoraFFN) and name in module.moes:
+                found[path] = module.moes[name]
+        return found
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s trainable parameters, keyed ``<wrapper path>.<param>``."""
+        return {f"{path}.{pname}": p for path, module in self.adapter_modules(name).items()
+                for pname, p in module.named_parameters()}
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                layout: BatchLayout | None = None) -> AdaptedOutput:
+        """Run the shared base once over a mixed batch.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            attention_mask: ``(B, T)``, 1 on real tokens and 0 on padding, or None.
+            layout: which rows belong to which adapter; None runs the bare base (or the
+                context's default adapter).
+        Returns:
+            `AdaptedOutput` with logits ``(B, T, vocab)`` and the MixLoRA router logits.
+        """
+        if layout is not None and layout.token_mask is None and attention_mask is not None:
+            layout.token_mask = attention_mask.bool()
+        # The layout stays set after the forward; checkpointed layers capture it (context.py).
+        self.context.layout = layout
+        if layout is not None:
+            layout.record = True
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            if layout is not None:
+                layout.record = False
+        return AdaptedOutput(out.logits, layout.router_logits if layout is not None else {})
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer in backward, with the layout it ran under."""
+        self.model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=self.context.checkpoint_fn)
+        self.model.config.use_cache = False
+
+
+def _has_experts(cfg, layer_index: int) -> bool:
+    """MixLoRA `sparse_step`: experts only on every n-th layer (plain LoRA FFN elsewhere)."""
+    step = getattr(cfg, "sparse_step", None)
+    return not step or layer_index % step == 0
+
+
+def _find_mlp(layer: nn.Module) -> str:
+    for path, module in layer.named_children():
+        if all(hasattr(module, p) for p in FFN_PROJECTIONS):
+            return path
+    raise AdapterError(f"{type(layer).__name__}: no gate/up/down FFN found for MixLoRA experts")

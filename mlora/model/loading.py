@@ -1,0 +1,101 @@
+"""Loading the frozen base model: hub id, local folder or `.gguf` file; dtype; 4/8-bit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The base model (or its tokenizer) could not be loaded; the message says how to fix it."""
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """``"fp32" | "bf16" | "fp16" | torch.dtype | None`` -> torch dtype (None means fp32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+    key = aliases.get(str(dtype), str(dtype))
+    if key not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+def _quantization_config(quantize: str | None, dtype: torch.dtype):
+    if quantize is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ModelLoadError(f"quantize {quantize!r} is not supported; use '4bit' or '8bit'")
+
+
+def split_gguf(name_or_path: str) -> tuple[str, str | None]:
+    """``"dir/model.gguf"`` -> ``("dir", "model.gguf")``; anything else -> ``(name, None)``."""
+    if str(name_or_path).endswith(".gguf"):
+        path = Path(name_or_path)
+        return str(path.parent), path.name
+    return str(name_or_path), None
+
+
+def load_base_model(name_or_path: str, *, dtype=None, quantize: str | None = None,
+                    device: str | torch.device | None = None, attn_impl: str | None = None,
+                    trust_remote_code: bool = False):
+    """Load a causal LM and its tokenizer with every parameter frozen.
+
+    Args:
+        name_or_path: hub id, local folder, or path to a ``.gguf`` file.
+        dtype: ``fp32`` (default), ``bf16`` or ``fp16``; the compute dtype of a quantized base.
+        quantize: None, ``"4bit"`` (NF4, double quantization) or ``"8bit"`` (bitsandbytes).
+        device: where to put the model (default: CUDA when available, else CPU).
+        attn_impl: transformers' attention implementation (``sdpa``, ``eager``, ...).
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode and the tokenizer has a pad token.
+    Raises:
+        ModelLoadError: the model cannot be found or read; the message names it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    folder, gguf_file = split_gguf(name_or_path)
+    # A hub id is "org/name"; anything path-like must exist on disk.
+    looks_local = folder.startswith((".", "/", "~")) or folder.count("/") > 1 or os.path.sep != "/" and os.path.sep in folder
+    if gguf_file is not None and not (Path(folder) / gguf_file).is_file():
+        raise ModelLoadError(f"base model file {name_or_path} does not exist")
+    if looks_local and gguf_file is None and not Path(folder).is_dir():
+        raise ModelLoadError(f"base model folder {name_or_path} does not exist")
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    if attn_impl:
+        kwargs["attn_implementation"] = attn_impl
+    qconfig = _quantization_config(quantize, torch_dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as err:
+        hint = ("" if Path(folder).exists() else
+                " If there is no network access, pass a local folder or a .gguf file as --base_model.")
+        raise ModelLoadError(f"could not load base model {name_or_path!r}: {err}.{hint}") from err
+    if qconfig is None:
+        model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
