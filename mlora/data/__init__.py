@@ -1,4 +1,45 @@
-"""Task registry, dataset sources, prompts and tokenization."""
+"""Task registry, dataset sources, prompts and tokenization.
+
+Public API (see each function's docstring for details):
+
+    BENCHMARK_TASKS, CASUAL, PROTOCOLS
+    DataError                               every user-facing data problem
+    is_benchmark(name) -> bool
+    get_task(name) -> Task                  source, subset, splits, fields, row parser
+    task_names("a;b") -> ("a", "b")         validated names of an adapter's task_name
+    load_items(task_name, split, data=None, trust_remote_code=False, limit=None)
+        -> list[MultipleChoiceItem]
+    build_training_examples(task_name, data=None, protocol="choice", prompt=None, *,
+        trust_remote_code=False, limit=None, seed=0) -> list[TrainingExample]
+    load_template(prompt) -> PromptTemplate  "alpaca" or a template JSON file
+    tokenize_examples(tokenizer, examples, cutoff_len, train_on_inputs=False)
+        -> TokenizedExamples                 (imports torch; loaded on first use)
+    collate(examples, pad_id, padding_side="right") -> dict of (B, T) long tensors
+"""
 
 # The commonsense benchmarks every adapter can be trained and scored on (DESIGN.md section 6).
 BENCHMARK_TASKS = ("arc-c", "arc-e", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
+
+from mlora.data.casual import PromptTemplate, load_template  # noqa: E402
+from mlora.data.errors import DataError  # noqa: E402
+from mlora.data.items import PROTOCOLS, MultipleChoiceItem, TrainingExample  # noqa: E402
+from mlora.data.load import build_training_examples, load_items  # noqa: E402
+from mlora.data.registry import CASUAL, get_task, is_benchmark, task_names  # noqa: E402
+from mlora.data.task import Task  # noqa: E402
+
+_TOKENIZE_EXPORTS = ("IGNORE_INDEX", "TokenizedExample", "TokenizedExamples", "collate", "tokenize_example", "tokenize_examples")
+
+__all__ = [
+    "BENCHMARK_TASKS", "CASUAL", "PROTOCOLS", "DataError", "MultipleChoiceItem", "PromptTemplate", "Task",
+    "TrainingExample", "build_training_examples", "get_task", "is_benchmark", "load_items", "load_template",
+    "task_names", *_TOKENIZE_EXPORTS,
+]
+
+
+def __getattr__(name):
+    # Tokenization needs torch; loaded on first use so that config checks stay light.
+    if name in _TOKENIZE_EXPORTS:
+        from mlora.data import tokenize
+
+        return getattr(tokenize, name)
+    raise AttributeError(f"module 'mlora.data' has no attribute {name!r}")

@@ -1,0 +1,68 @@
+"""Name -> `Task` for the benchmarks, and parsing of an adapter's `task_name`."""
+
+from __future__ import annotations
+
+import difflib
+
+from mlora.data import arc, boolq, hellaswag, obqa, piqa, siqa, winogrande
+from mlora.data.errors import DataError
+from mlora.data.task import Task
+
+# Instruction data (alpaca records) trained with a prompt template; not a benchmark.
+CASUAL = "casual"
+
+_TASKS: dict[str, Task] = {
+    task.name: task
+    for module in (arc, boolq, obqa, piqa, siqa, hellaswag, winogrande)
+    for task in module.TASKS
+}
+
+
+def _unknown(name: str) -> DataError:
+    known = [*_TASKS, CASUAL]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return DataError(f"Unknown task {name!r}.{hint} Known tasks: {', '.join(known)}.")
+
+
+def is_benchmark(name: str) -> bool:
+    """True for the multiple-choice benchmarks ("arc-c", ...); False for "casual" and others."""
+    return name in _TASKS
+
+
+def get_task(name: str) -> Task:
+    """The benchmark `Task` called `name`; raises `DataError` (with a suggestion) otherwise."""
+    if name in _TASKS:
+        return _TASKS[name]
+    if name == CASUAL:
+        raise DataError(
+            "'casual' is instruction data, not a benchmark task: it has no fixed source or "
+            "labels. Build its examples with build_training_examples('casual', data=..., prompt=...)."
+        )
+    raise _unknown(name)
+
+
+def task_names(task_name: str) -> tuple[str, ...]:
+    """Split an adapter's `task_name` ("arc-c", "arc-c;boolq", "casual") into task names.
+
+    Every name must be a benchmark, or the whole value must be "casual" (instruction data
+    cannot be mixed with benchmarks: it has one source, they each have their own).
+    Raises `DataError` naming the bad part.
+    """
+    names = tuple(part.strip() for part in task_name.split(";"))
+    if any(not name for name in names):
+        raise DataError(f"task_name {task_name!r} has an empty entry; write tasks as 'a;b;c'.")
+    if names == (CASUAL,):
+        return names
+    if CASUAL in names:
+        raise DataError(
+            f"task_name {task_name!r} mixes 'casual' with benchmark tasks; "
+            "use separate adapters for instruction data and benchmarks."
+        )
+    for name in names:
+        if name not in _TASKS:
+            raise _unknown(name)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DataError(f"task_name {task_name!r} lists {', '.join(repeated)} more than once.")
+    return names
