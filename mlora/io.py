@@ -141,7 +141,9 @@ def save_adapter(model, name: str, folder, base_model_name_or_path: str | None =
     if getattr(cfg, "is_moe", False):
         from mlora.model.mixlora_io import mixlora_config_json, mixlora_state_dict
 
-        config, state = mixlora_config_json(cfg, base_model_name_or_path), mixlora_state_dict(model, name)
+        hf = model.model.config
+        act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None) or "silu"
+        config, state = mixlora_config_json(cfg, base_model_name_or_path, act), mixlora_state_dict(model, name)
         # The mixlora package reads only the .bin; safetensors is for everyone else.
         torch.save(state, folder / BIN_FILE)
     else:
@@ -167,7 +169,7 @@ def load_adapter(model, folder, cfg=None, name: str | None = None):
         if getattr(cfg, "is_moe", False):
             from mlora.model.mixlora_io import mixlora_to_internal
 
-            internal = mixlora_to_internal(tensors, cfg, folder)
+            internal = mixlora_to_internal(tensors, model.adapter_parameters(cfg.name), folder)
         else:
             internal = {}
             for key, value in tensors.items():

@@ -106,12 +106,16 @@ class MultiAdapterModel(nn.Module):
             raise AdapterError(f"adapter {cfg.name!r}: target module(s) {missing} not found in "
                                f"{type(self.model).__name__}; available: {names}")
         rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-        with rng:
-            if seed is not None:
-                torch.manual_seed(seed)
-            for index, layer in enumerate(layers):
-                self._add_to_layer(cfg, index, layer)
         self.configs[cfg.name] = cfg
+        try:
+            with rng:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                for index, layer in enumerate(layers):
+                    self._add_to_layer(cfg, index, layer)
+        except ValueError as err:
+            self.remove_adapter(cfg.name)  # leave no half-injected adapter behind
+            raise AdapterError(f"adapter {cfg.name!r}: {err}") from err
 
     def _add_to_layer(self, cfg, index: int, layer: nn.Module) -> None:
         moe_here = getattr(cfg, "is_moe", False) and _has_experts(cfg, index)
@@ -206,7 +210,9 @@ def _has_experts(cfg, layer_index: int) -> bool:
 
 
 def _find_mlp(layer: nn.Module) -> str:
+    from mlora.model.mixlora import MixLoraFFN
+
     for path, module in layer.named_children():
-        if all(hasattr(module, p) for p in FFN_PROJECTIONS):
+        if isinstance(module, MixLoraFFN) or all(hasattr(module, p) for p in FFN_PROJECTIONS):
             return path
     raise AdapterError(f"{type(layer).__name__}: no gate/up/down FFN found for MixLoRA experts")

@@ -1,0 +1,438 @@
+"""MixLoRA / MixDoRA: LoRA experts with a router inside each SwiGLU FFN (arXiv 2404.15159).
+
+Expert ``e`` of an adapter is the frozen FFN ``down(act(gate h) * up h)`` with its own LoRA
+on the targeted FFN projections. A per-adapter router picks experts per token; the FFN
+output is ``sum_e w_e expert_e(h)``.
+
+Shared-base computation (`MixLoraFFN`, exact by linearity, DESIGN.md section 5):
+    * the frozen ``gate`` and ``up`` run once per token, for all experts (and all adapters);
+    * each routed (token, expert) pair adds only its expert's LoRA term, grouped by expert
+      (one small GEMM per expert, no loop over tokens);
+    * the frozen ``down`` runs once on ``sum_e w_e a_e`` and the experts' down-LoRA terms are
+      added with the same weights. DoRA rescales the down output per expert, which breaks
+      that linearity, so a DoRA down projection falls back to the frozen ``down`` per
+      routed pair.
+`reference_forward` keeps the plain per-expert computation the fast path is tested against.
+
+Routing strategies: ``mixlora`` (softmax, top-k, renormalised), ``mixlora-switch`` (top-1
+weighted by its probability, ``expert_capacity`` tokens per expert and sequence; tokens over
+capacity get the frozen FFN output), ``mixlora-dynamic`` (the smallest set of experts whose
+probability mass reaches ``top_p``, weighted by their probabilities).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from mlora.model.context import AdapterContext
+from mlora.model.lora import LoraLinear
+from mlora.model.quant import dense_weight, linear_features
+
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The frozen projection under a `LoraLinear` wrapper (or the module itself)."""
+    return module.base_layer if isinstance(module, LoraLinear) else module
+
+
+# ----------------------------------------------------------------------------- experts
+class ExpertLora(nn.Module):
+    """The LoRA (or DoRA) of `num_experts` experts on one projection, stacked.
+
+    Parameters (fp32): ``lora_A (E, r, in)``, ``lora_B (E, out, r)`` and, for DoRA,
+    ``magnitude (E, out)`` initialised to the row norms of the frozen weight.
+    """
+
+    def __init__(self, base_layer: nn.Module, num_experts: int, *, r: int, scaling: float,
+                 lora_dropout: float, use_dora: bool, lora_init: str):
+        super().__init__()
+        in_f, out_f = linear_features(base_layer)
+        device = base_layer.weight.device
+        self.scaling, self.dropout, self.use_dora = scaling, lora_dropout, use_dora
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_f, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_f, r, device=device))
+        for e in range(num_experts):
+            if lora_init == "gaussian":
+                nn.init.normal_(self.lora_A[e], std=1.0 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.data[e], a=math.sqrt(5))
+        if use_dora:
+            norms = dense_weight(base_layer).norm(p=2, dim=1)
+            self.magnitude = nn.Parameter(norms.detach().expand(num_experts, -1).clone())
+
+    @torch.no_grad()
+    def _merged_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||W + s B_e A_e||_row`` for every expert, ``(E, out)``, without forming E matrices.
+
+        ``||w + s b A||^2 = ||w||^2 + 2 s b . (A w) + s^2 b (A A^T) b`` row by row.
+        """
+        s = self.scaling
+        wa = torch.einsum("oi,eri->eor", weight, self.lora_A)            # (E, out, r)
+        aat = torch.einsum("eri,eqi->erq", self.lora_A, self.lora_A)     # (E, r, r)
+        cross = (self.lora_B * wa).sum(-1)                               # (E, out)
+        quad = (torch.einsum("eor,erq->eoq", self.lora_B, aat) * self.lora_B).sum(-1)
+        sq = weight.square().sum(-1)[None] + 2 * s * cross + s * s * quad
+        return sq.clamp_min(0).sqrt()
+
+    def dora_scale(self, base_layer: nn.Module) -> torch.Tensor:
+        """``m_e / ||W + s B_e A_e||_row`` ``(E, out)``, the norm detached (DoRA paper, 4.3)."""
+        return self.magnitude / self._merged_norms(dense_weight(base_layer))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, training=True) if self.dropout > 0 and self.training else x
+
+    def grouped(self, x: torch.Tensor, base_out: torch.Tensor, counts: list[int],
+                experts: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Adapted outputs of routed pairs sorted by expert.
+
+        Args:
+            x: ``(M, in)`` fp32 inputs, rows grouped by expert in order (``counts[e]`` rows each).
+            base_out: ``(M, out)`` fp32 frozen outputs ``W x`` (no bias) of the same rows.
+            counts: rows per expert, summing to M.
+            experts: ``(M,)`` the expert of each row (for DoRA's per-expert scale).
+            scale: ``(E, out)`` DoRA scale from `dora_scale`, or None.
+        Returns:
+            ``(M, out)`` fp32: ``W x + s B_e A_e drop(x)``, DoRA-rescaled when enabled.
+        """
+        h = self._drop(x)
+        pieces, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                # One GEMM pair per expert group; rank r is tiny, so A first.
+                pieces.append((h[start:start + n] @ self.lora_A[e].T) @ self.lora_B[e].T)
+            start += n
+        delta = torch.cat(pieces) * self.scaling if pieces else x.new_zeros(base_out.shape)
+        out = base_out + delta
+        return out * scale[experts] if scale is not None else out
+
+    def single(self, e: int, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """Expert `e` alone on ``x (n, in)`` with frozen output ``base_out (n, out)``: the reference."""
+        out = base_out + (self._drop(x) @ self.lora_A[e].T @ self.lora_B[e].T) * self.scaling
+        if self.use_dora:
+            out = out * self.dora_scale(base_layer)[e]
+        return out
+
+
+# ----------------------------------------------------------------------------- routing
+@dataclass
+class Routing:
+    """Which experts each token of a segment uses.
+
+    Attributes:
+        token: ``(M,)`` token index (into the segment's N flattened tokens) of each pair.
+        expert: ``(M,)`` expert index of each pair.
+        weight: ``(M,)`` fp32 routing weight of each pair.
+        dropped: ``(N,)`` bool, tokens over switch capacity (they get the frozen FFN), or None.
+    """
+
+    token: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
+    dropped: torch.Tensor | None = None
+
+
+def route(logits: torch.Tensor, strategy: str, *, top_k: int = 2, top_p: float = 1.0,
+          temperature: float = 0.0, capacity: int = 0, seq_len: int = 1,
+          token_mask: torch.Tensor | None = None) -> Routing:
+    """Turn router logits ``(N, E)`` fp32 into (token, expert, weight) pairs.
+
+    `seq_len` and `token_mask (N,)` matter for switch only: capacity is counted per sequence,
+    in position order, over real tokens (padding neither takes nor uses capacity).
+    """
+    n, num_experts = logits.shape
+    probs = F.softmax(logits, dim=-1)
+    tokens = torch.arange(n, device=logits.device)
+    if strategy == "mixlora":
+        weight, expert = probs.topk(top_k, dim=-1)
+        weight = weight / weight.sum(-1, keepdim=True)
+        return Routing(tokens.repeat_interleave(top_k), expert.reshape(-1), weight.reshape(-1))
+    if strategy == "mixlora-dynamic":
+        if temperature > 0:
+            probs = F.softmax(logits / temperature, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep expert j while the mass before it is still short of top_p: the smallest set
+        # whose mass reaches top_p (always at least one expert).
+        before = sorted_p.cumsum(-1) - sorted_p
+        keep = before < top_p
+        token = tokens[:, None].expand(-1, num_experts)[keep]
+        return Routing(token, order[keep], sorted_p[keep])
+    if strategy == "mixlora-switch":
+        weight, expert = probs.max(dim=-1)
+        real = torch.ones(n, dtype=torch.bool, device=logits.device) if token_mask is None else token_mask
+        onehot = F.one_hot(expert, num_experts) * real[:, None]
+        position = onehot.view(-1, seq_len, num_experts).cumsum(dim=1).view(n, num_experts)
+        within = (position * onehot).sum(-1) <= capacity
+        kept = within & real
+        return Routing(tokens[kept], expert[kept], weight[kept], dropped=~kept)
+    raise ValueError(f"unknown routing strategy {strategy!r}")
+
+
+def router_aux_loss(cfg, entries: list) -> torch.Tensor:
+    """The router loss of one adapter for one forward, from ``output.router_logits[name]``.
+
+    `entries` holds one ``(logits (N, E) fp32, token mask (N,) bool | None)`` per MixLoRA
+    layer. All layers' real (non-padding) tokens are pooled, as in Mixtral's loss:
+        balance = coef * E * sum_e f_e * P_e
+    with ``P_e`` the mean router probability of expert e and ``f_e`` the fraction of tokens
+    that route to e (top-k; top-1 before capacity for switch; the top-p set for dynamic).
+    Switch adds ``z_coef * mean(logsumexp(logits)^2)``. Returns a 0-dim fp32 tensor (0 when
+    ``router_loss`` is off or there are no entries).
+    """
+    if not entries or not cfg.router_loss:
+        device = entries[0][0].device if entries else None
+        return torch.zeros((), device=device)
+    logits = torch.cat([lg if m is None else lg[m] for lg, m in entries]).float()
+    num_experts = logits.shape[-1]
+    probs = F.softmax(logits, dim=-1)
+    if cfg.routing_strategy == "mixlora":
+        chosen = F.one_hot(probs.topk(cfg.top_k, dim=-1).indices, num_experts).sum(1)
+    elif cfg.routing_strategy == "mixlora-switch":
+        chosen = F.one_hot(probs.argmax(-1), num_experts)
+    else:
+        r = route(logits, "mixlora-dynamic", top_p=cfg.top_p, temperature=cfg.temperature)
+        chosen = torch.zeros_like(probs).index_put_((r.token, r.expert), torch.ones_like(r.weight))
+    balance = num_experts * (chosen.float().mean(0) * probs.mean(0)).sum()
+    loss = cfg.router_aux_loss_coef * balance
+    if cfg.routing_strategy == "mixlora-switch":
+        loss = loss + cfg.router_z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+    return loss
+
+
+# ----------------------------------------------------------------------------- one adapter
+class MixLoraMoe(nn.Module):
+    """One MixLoRA adapter's router and experts inside one FFN.
+
+    ``moe_gate.weight (E, hidden)`` fp32 is the router (no bias); ``experts`` maps each
+    targeted FFN projection name to its stacked `ExpertLora`.
+    """
+
+    def __init__(self, mlp: nn.Module, cfg):
+        super().__init__()
+        for proj in FFN_PROJECTIONS:
+            if getattr(_base(getattr(mlp, proj)), "bias", None) is not None:
+                # Routing weights need not sum to 1 (switch, dynamic), so a bias would not
+                # factor out of the shared frozen down; no supported architecture has one.
+                raise ValueError(f"MixLoRA needs bias-free FFN projections; {proj} has a bias")
+        hidden, _ = linear_features(_base(mlp.gate_proj))
+        device = _base(mlp.gate_proj).weight.device
+        self.cfg = cfg
+        self.moe_gate = nn.Linear(hidden, cfg.num_experts, bias=False, dtype=torch.float32, device=device)
+        nn.init.normal_(self.moe_gate.weight, 0.0, cfg.router_init_range)
+        ex = cfg.expert_settings()
+        self.experts = nn.ModuleDict({
+            proj: ExpertLora(_base(getattr(mlp, proj)), cfg.num_experts, r=ex.r, scaling=ex.scaling,
+                             lora_dropout=ex.lora_dropout, use_dora=ex.use_dora, lora_init=ex.lora_init)
+            for proj in FFN_PROJECTIONS if proj in cfg.target_modules
+        })
+        self.act_fn = ACT2FN[cfg.act_fn] if cfg.act_fn else mlp.act_fn
+
+    @property
+    def dora_down(self) -> bool:
+        return "down_proj" in self.experts and self.experts["down_proj"].use_dora
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, E)`` fp32 logits for tokens ``x (N, hidden)``; jitter noise only in training."""
+        h = x.float()
+        if self.training and self.cfg.jitter_noise > 0:
+            # Noise on the router's input only, so the frozen projections stay shared.
+            j = self.cfg.jitter_noise
+            h = h * torch.empty_like(h).uniform_(1.0 - j, 1.0 + j)
+        return self.moe_gate(h)
+
+    def routing(self, x: torch.Tensor, seq_len: int, token_mask: torch.Tensor | None):
+        logits = self.router_logits(x)
+        c = self.cfg
+        r = route(logits, c.routing_strategy, top_k=c.top_k, top_p=c.top_p, temperature=c.temperature,
+                  capacity=c.expert_capacity, seq_len=seq_len, token_mask=token_mask)
+        return logits, r
+
+    def forward(self, x, g, u, mlp, seq_len, token_mask):
+        """Shared-base MoE for one segment's N tokens.
+
+        Args:
+            x: ``(N, hidden)`` FFN input; g, u: ``(N, inter)`` frozen gate/up outputs of x.
+            mlp: the wrapped FFN (for its frozen ``down`` and activation).
+        Returns:
+            ``(mixed, extra, logits)``: ``mixed (N, inter)`` = sum_e w_e a_e (the frozen down's
+            input), ``extra (N, hidden)`` fp32 to add after the frozen down (or, for a DoRA
+            down, the whole output, with ``mixed`` zero), and the router logits ``(N, E)``.
+        """
+        logits, r = self.routing(x, seq_len, token_mask)
+        order = torch.argsort(r.expert, stable=True)
+        token, expert, weight = r.token[order], r.expert[order], r.weight[order, None]
+        counts = torch.bincount(expert, minlength=self.cfg.num_experts).tolist()
+        xs = x[token].float()
+        gs = self._grouped("gate_proj", xs, g[token].float(), counts, expert, mlp)
+        us = self._grouped("up_proj", xs, u[token].float(), counts, expert, mlp)
+        act = self.act_fn(gs) * us                                            # (M, inter)
+        mixed = act.new_zeros(x.shape[0], act.shape[1])
+        extra = act.new_zeros(x.shape[0], x.shape[1])
+        down = _base(mlp.down_proj)
+        if self.dora_down:
+            # Per-pair frozen down: DoRA's per-expert row scale is not linear across experts.
+            out = self._grouped("down_proj", act, down(act.to(g.dtype)).float(), counts, expert, mlp)
+            extra = extra.index_add(0, token, weight * out)
+        else:
+            mixed = mixed.index_add(0, token, weight * act)
+            if "down_proj" in self.experts:
+                lora = self._grouped("down_proj", act, act.new_zeros(act.shape[0], x.shape[1]), counts, expert, mlp)
+                extra = extra.index_add(0, token, weight * lora)
+        if r.dropped is not None and bool(r.dropped.any()):
+            # Switch overflow (and padding): the frozen FFN, untouched by experts.
+            idx = r.dropped.nonzero().squeeze(1)
+            base_act = (mlp.act_fn(g[idx]) * u[idx]).float()
+            if self.dora_down:
+                extra = extra.index_add(0, idx, down(base_act.to(g.dtype)).float())
+            else:
+                mixed = mixed.index_add(0, idx, base_act)
+        return mixed, extra, logits
+
+    def _grouped(self, proj, inp, frozen, counts, expert, mlp):
+        """Frozen outputs of routed pairs plus their experts' LoRA/DoRA (unchanged if untargeted)."""
+        if proj not in self.experts:
+            return frozen
+        ex = self.experts[proj]
+        scale = ex.dora_scale(_base(getattr(mlp, proj))) if ex.use_dora else None
+        return ex.grouped(inp, frozen, counts, expert, scale)
+
+    def reference_forward(self, x, mlp, seq_len, token_mask):
+        """The plain per-expert MoE (frozen projections recomputed per expert): the reference.
+
+        ``x (N, hidden)`` -> ``((N, hidden) output, (N, E) router logits)``.
+        """
+        logits, r = self.routing(x, seq_len, token_mask)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+
+        def project(proj, e, inp):
+            base = _base(getattr(mlp, proj))
+            frozen = base(inp.to(x.dtype)).float()
+            if proj not in self.experts:
+                return frozen
+            return self.experts[proj].single(e, inp.float(), frozen, base)
+
+        for e in range(self.cfg.num_experts):
+            pick = r.expert == e
+            if not bool(pick.any()):
+                continue
+            tok, w = r.token[pick], r.weight[pick, None]
+            xe = x[tok]
+            a = self.act_fn(project("gate_proj", e, xe)) * project("up_proj", e, xe)
+            out = out.index_add(0, tok, w * project("down_proj", e, a))
+        if r.dropped is not None and bool(r.dropped.any()):
+            idx = r.dropped.nonzero().squeeze(1)
+            base_ffn = _base(mlp.down_proj)(mlp.act_fn(_base(mlp.gate_proj)(x[idx])) * _base(mlp.up_proj)(x[idx]))
+            out = out.index_add(0, idx, base_ffn.float())
+        return out, logits
+
+
+# ----------------------------------------------------------------------------- the FFN
+class MixLoraFFN(nn.Module):
+    """A SwiGLU FFN (kept as `base_mlp`) serving LoRA and MixLoRA adapters in one batch.
+
+    ``forward(h (B, T, hidden)) -> (B, T, hidden)``. Rows of MixLoRA segments are routed by
+    their adapter's router; all other rows run the FFN as usual (through the LoRA wrappers
+    on its projections). The frozen gate, up and down run once over all rows.
+    Set ``use_reference = True`` to run the per-expert reference instead (tests, benchmarks).
+    """
+
+    def __init__(self, base_mlp: nn.Module, context: AdapterContext):
+        super().__init__()
+        self.base_mlp = base_mlp
+        self.moes = nn.ModuleDict()
+        self.use_reference = False
+        object.__setattr__(self, "context", context)
+
+    def add(self, cfg) -> MixLoraMoe:
+        self.moes[cfg.name] = MixLoraMoe(self.base_mlp, cfg)
+        return self.moes[cfg.name]
+
+    def remove(self, name: str) -> bool:
+        if name in self.moes:
+            del self.moes[name]
+        return len(self.moes) == 0
+
+    @property
+    def base_module(self) -> nn.Module:
+        return self.base_mlp
+
+    def _record(self, name: str, logits: torch.Tensor, mask: torch.Tensor | None) -> None:
+        layout = self.context.layout
+        if layout is not None and layout.record:
+            layout.router_logits.setdefault(name, []).append((logits, mask))
+
+    def _segment_mask(self, seg, seq_len):
+        layout = self.context.layout
+        if layout is None or layout.token_mask is None:
+            return None
+        return layout.token_mask[seg.start:seg.end].reshape(-1).bool()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        mlp = self.base_mlp
+        segments = [s for s in self.context.segments(h.shape[0]) if s.name in self.moes]
+        if not segments:
+            return mlp(h)
+        batch, seq_len, hidden = h.shape
+        if self.use_reference:
+            return self._reference(h, segments)
+        g, u = mlp.gate_proj(h), mlp.up_proj(h)
+        acts, extras, position = [], {}, 0
+        for seg in segments:
+            if seg.start > position:
+                acts.append(mlp.act_fn(g[position:seg.start]) * u[position:seg.start])
+            rows = slice(seg.start, seg.end)
+            n = (seg.end - seg.start) * seq_len
+            mask = self._segment_mask(seg, seq_len)
+            mixed, extra, logits = self.moes[seg.name](
+                h[rows].reshape(n, hidden), g[rows].reshape(n, -1), u[rows].reshape(n, -1),
+                mlp, seq_len, mask)
+            self._record(seg.name, logits, mask)
+            acts.append(mixed.to(g.dtype).view(seg.end - seg.start, seq_len, -1))
+            extras[seg] = extra.view(seg.end - seg.start, seq_len, hidden)
+            position = seg.end
+        if position < batch:
+            acts.append(mlp.act_fn(g[position:]) * u[position:])
+        y = mlp.down_proj(torch.cat(acts) if len(acts) > 1 else acts[0])
+        return self._assemble(y, extras, batch)
+
+    def _assemble(self, y: torch.Tensor, extras: dict, batch: int) -> torch.Tensor:
+        pieces, position = [], 0
+        for seg, extra in extras.items():
+            if seg.start > position:
+                pieces.append(y[position:seg.start])
+            moe = self.moes[seg.name]
+            # A DoRA down computed the whole segment output per expert (see MixLoraMoe.forward).
+            seg_out = extra.to(y.dtype) if moe.dora_down else y[seg.start:seg.end] + extra.to(y.dtype)
+            pieces.append(self._ffn_dropout(moe, seg_out))
+            position = seg.end
+        if position < batch:
+            pieces.append(y[position:])
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _ffn_dropout(self, moe: MixLoraMoe, out: torch.Tensor) -> torch.Tensor:
+        p = moe.cfg.ffn_dropout if moe.cfg.routing_strategy == "mixlora-switch" else 0.0
+        return F.dropout(out, p, training=True) if p > 0 and self.training else out
+
+    def _reference(self, h: torch.Tensor, segments) -> torch.Tensor:
+        batch, seq_len, hidden = h.shape
+        out = self.base_mlp(h)  # rows of LoRA adapters and of no adapter
+        pieces, position = [], 0
+        for seg in segments:
+            if seg.start > position:
+                pieces.append(out[position:seg.start])
+            n = (seg.end - seg.start) * seq_len
+            mask = self._segment_mask(seg, seq_len)
+            moe = self.moes[seg.name]
+            y, logits = moe.reference_forward(h[seg.start:seg.end].reshape(n, hidden), self.base_mlp, seq_len, mask)
+            self._record(seg.name, logits, mask)
+            pieces.append(self._ffn_dropout(moe, y.to(h.dtype).view(seg.end - seg.start, seq_len, hidden)))
+            position = seg.end
+        if position < batch:
+            pieces.append(out[position:])
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
