@@ -7,6 +7,7 @@ Public API (see each function's docstring for details):
     is_benchmark(name) -> bool
     get_task(name) -> Task                  source, subset, splits, fields, row parser
     task_names("a;b") -> ("a", "b")         validated names of an adapter's task_name
+    task_sources(names, data) -> [(task, data or None), ...]   the source of each task
     load_items(task_name, split, data=None, trust_remote_code=False, limit=None)
         -> list[MultipleChoiceItem]
     build_training_examples(task_name, data=None, protocol="choice", prompt=None, *,
@@ -23,7 +24,7 @@ BENCHMARK_TASKS = ("arc-c", "arc-e", "boolq", "obqa", "piqa", "siqa", "hellaswag
 from mlora.data.casual import PromptTemplate, load_template  # noqa: E402
 from mlora.data.errors import DataError  # noqa: E402
 from mlora.data.items import PROTOCOLS, MultipleChoiceItem, TrainingExample  # noqa: E402
-from mlora.data.load import build_training_examples, load_items  # noqa: E402
+from mlora.data.load import build_training_examples, load_items, task_sources  # noqa: E402
 from mlora.data.registry import CASUAL, get_task, is_benchmark, task_names  # noqa: E402
 from mlora.data.task import Task  # noqa: E402
 
@@ -32,7 +33,7 @@ _TOKENIZE_EXPORTS = ("IGNORE_INDEX", "TokenizedExample", "TokenizedExamples", "c
 __all__ = [
     "BENCHMARK_TASKS", "CASUAL", "PROTOCOLS", "DataError", "MultipleChoiceItem", "PromptTemplate", "Task",
     "TrainingExample", "build_training_examples", "get_task", "is_benchmark", "load_items", "load_template",
-    "task_names", *_TOKENIZE_EXPORTS,
+    "task_names", "task_sources", *_TOKENIZE_EXPORTS,
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from mlora.data.casual import CASUAL, instruction_examples, load_template
@@ -54,26 +55,41 @@ def load_items(
     return parse_rows(task.name, chunks, task.item, limit)
 
 
-def _task_data(names: tuple[str, ...], data: DataSpec) -> dict[str, DataSpec]:
-    """Which `data` each task of an adapter reads (multi-task needs one subfolder per task)."""
-    if len(names) == 1 or data is None:
-        return {name: data for name in names}
-    folder = Path(os.fspath(data)).expanduser()
-    if not folder.is_dir():
-        raise DataError(
-            f"A multi-task adapter ({';'.join(names)}) cannot read all its tasks from {os.fspath(data)!r}: "
-            "give a folder with one subfolder per task (path/to/folder/arc-c/train.jsonl, ...), or no data "
-            "to use each task's hub dataset."
-        )
-    missing = [name for name in names if not (folder / name).is_dir()]
-    if missing:
-        raise DataError(f"{folder}: missing the subfolder(s) {', '.join(missing)} for this multi-task adapter.")
-    return {name: folder / name for name in names}
+def task_sources(names: Sequence[str], data: DataSpec | Sequence[DataSpec]) -> list[tuple[str, DataSpec]]:
+    """Pair each task of an adapter with the `data` it reads.
+
+    `data` may be None (every task's default source), one source per task (a sequence, or a
+    string joined by ';' as in the config, an empty entry meaning the default), or, for
+    several tasks, one folder holding a subfolder per task (`<folder>/<task>/`).
+    """
+    if data is None:
+        return [(name, None) for name in names]
+    if isinstance(data, (list, tuple)):
+        sources = list(data)
+    elif len(names) == 1:
+        return [(names[0], data)]
+    elif ";" in os.fspath(data):
+        sources = [part.strip() or None for part in os.fspath(data).split(";")]
+    else:
+        folder = Path(os.fspath(data)).expanduser()
+        if not folder.is_dir():
+            raise DataError(
+                f"A multi-task adapter ({';'.join(names)}) cannot read all its tasks from {os.fspath(data)!r}: "
+                "give one source per task joined by ';' (an empty entry uses that task's hub dataset), or a "
+                "folder with one subfolder per task (path/to/folder/arc-c/train.jsonl, ...)."
+            )
+        missing = [name for name in names if not (folder / name).is_dir()]
+        if missing:
+            raise DataError(f"{folder}: missing the subfolder(s) {', '.join(missing)} for this multi-task adapter.")
+        return [(name, folder / name) for name in names]
+    if len(sources) != len(names):
+        raise DataError(f"data gives {len(sources)} source(s) for {len(names)} task(s) ({';'.join(names)}); give one per task.")
+    return list(zip(names, sources))
 
 
 def build_training_examples(
     task_name: str,
-    data: DataSpec = None,
+    data: DataSpec | Sequence[DataSpec] = None,
     protocol: Protocol = "choice",
     prompt: str | None = None,
     *,
@@ -84,14 +100,15 @@ def build_training_examples(
     """The training examples of one adapter.
 
     Args:
-        task_name: the adapter's `task_name`: a benchmark, "a;b;c" for several, or "casual".
-        data: the adapter's `data` (see `load_items`); required for "casual". A multi-task
-            adapter takes a folder with one subfolder per task, or None.
+        task_name: the adapter's `task_name`: a benchmark, "casual", or several joined by ';'.
+        data: the adapter's `data`: None, one source (see `load_items`), or for several
+            tasks one source per task (';'-joined or a sequence; an empty entry is the
+            default) or one folder with a subfolder per task. "casual" needs a source.
         protocol: "choice" (target " {letter}") or "loglikelihood" (target " {answer text}");
             benchmark tasks only.
         prompt: template for "casual": "alpaca" (default) or a template file path. Benchmark
-            tasks have their own prompt layout and ignore it (m-LoRA configs set it for every
-            adapter).
+            tasks have their own prompt layout and ignore it (configs set it for every
+            adapter, "alpaca" by default).
         trust_remote_code: forwarded to `datasets.load_dataset` only when True.
         limit: at most this many rows per task.
         seed: shuffles a multi-task mixture so that any prefix samples all tasks; a single
@@ -105,21 +122,28 @@ def build_training_examples(
     """
     _check_limit(limit)
     names = task_names(task_name)
-    if names == (CASUAL,):
-        if data is None:
-            raise DataError(
-                "task 'casual' needs data: a hub id or a local alpaca-style file "
-                "(records with instruction, input, output) given as the adapter's \"data\"."
-            )
-        template = load_template(prompt)
-        chunks = read_split(data, "train", name=CASUAL, hub_id=None, trust_remote_code=trust_remote_code)
-        return instruction_examples(chunks, template, limit)
-    if protocol not in PROTOCOLS:
+    if protocol not in PROTOCOLS and any(name != CASUAL for name in names):
         raise DataError(f"Unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}.")
-    examples = []
-    for name, task_data in _task_data(names, data).items():
-        items = load_items(name, "train", task_data, trust_remote_code=trust_remote_code, limit=limit)
-        examples.extend(item.training_example(protocol) for item in items)
+    examples: list[TrainingExample] = []
+    for name, source in task_sources(names, data):
+        if name == CASUAL:
+            examples.extend(_instruction_examples(source, prompt, trust_remote_code, limit))
+        else:
+            items = load_items(name, "train", source, trust_remote_code=trust_remote_code, limit=limit)
+            examples.extend(item.training_example(protocol) for item in items)
     if len(names) > 1:
         random.Random(seed).shuffle(examples)
     return examples
+
+
+def _instruction_examples(
+    data: DataSpec, prompt: str | None, trust_remote_code: bool, limit: int | None
+) -> list[TrainingExample]:
+    if data is None:
+        raise DataError(
+            "task 'casual' needs data: a hub id or a local alpaca-style file "
+            "(records with instruction, input, output) given as the adapter's \"data\"."
+        )
+    template = load_template(prompt)
+    chunks = read_split(data, "train", name=CASUAL, hub_id=None, trust_remote_code=trust_remote_code)
+    return instruction_examples(chunks, template, limit)

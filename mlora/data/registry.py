@@ -45,24 +45,13 @@ def get_task(name: str) -> Task:
 def task_names(task_name: str) -> tuple[str, ...]:
     """Split an adapter's `task_name` ("arc-c", "arc-c;boolq", "casual") into task names.
 
-    Every name must be a benchmark, or the whole value must be "casual" (instruction data
-    cannot be mixed with benchmarks: it has one source, they each have their own).
-    Raises `DataError` naming the bad part.
+    Each entry must be a benchmark or "casual"; an entry may repeat (the config allows the
+    same task twice with different data). Raises `DataError` naming the bad entry.
     """
     names = tuple(part.strip() for part in task_name.split(";"))
     if any(not name for name in names):
         raise DataError(f"task_name {task_name!r} has an empty entry; write tasks as 'a;b;c'.")
-    if names == (CASUAL,):
-        return names
-    if CASUAL in names:
-        raise DataError(
-            f"task_name {task_name!r} mixes 'casual' with benchmark tasks; "
-            "use separate adapters for instruction data and benchmarks."
-        )
     for name in names:
-        if name not in _TASKS:
+        if name != CASUAL and name not in _TASKS:
             raise _unknown(name)
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise DataError(f"task_name {task_name!r} lists {', '.join(repeated)} more than once.")
     return names

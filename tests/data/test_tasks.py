@@ -14,6 +14,7 @@ from mlora.data import (
     is_benchmark,
     load_items,
     task_names,
+    task_sources,
 )
 
 
@@ -63,12 +64,10 @@ def test_task_names_of_an_adapter():
     assert task_names("arc-c") == ("arc-c",)
     assert task_names("arc-c; boolq;piqa") == ("arc-c", "boolq", "piqa")
     assert task_names("casual") == ("casual",)
+    # The config allows instruction data beside benchmarks, and a task twice with two sources.
+    assert task_names("casual;arc-c;casual") == ("casual", "arc-c", "casual")
     with pytest.raises(DataError, match="empty entry"):
         task_names("arc-c;;boolq")
-    with pytest.raises(DataError, match="mixes 'casual'"):
-        task_names("casual;arc-c")
-    with pytest.raises(DataError, match="more than once"):
-        task_names("boolq;boolq")
     with pytest.raises(DataError, match="Unknown task 'bolq'"):
         task_names("arc-c;bolq")
 
@@ -362,8 +361,22 @@ def test_multi_task_examples_mix_every_task(fixtures):
     assert first_winogrande.prompt.startswith("Which sentence makes more sense?\nA. ")
 
 
-def test_multi_task_needs_a_folder_per_task(fixtures, tmp_path):
-    with pytest.raises(DataError, match="one subfolder per task"):
+def test_multi_task_sources_joined_by_semicolons(fixtures):
+    data = f"{fixtures / 'piqa'};{fixtures / 'alpaca' / 'train.json'};{fixtures}"
+    examples = build_training_examples("piqa;casual;siqa", data, seed=1)
+    tasks = [e.task for e in examples]
+    assert {name: tasks.count(name) for name in set(tasks)} == {"piqa": 12, "casual": 8, "siqa": 12}
+    casual = [e for e in examples if e.task == "casual"]
+    assert all(e.add_eos and e.prompt.startswith("Below is an instruction") for e in casual)
+    assert task_sources(("piqa", "boolq"), "x; ") == [("piqa", "x"), ("boolq", None)]
+    assert task_sources(("piqa", "boolq"), ["a", None]) == [("piqa", "a"), ("boolq", None)]
+    assert task_sources(("piqa",), None) == [("piqa", None)]
+    with pytest.raises(DataError, match="gives 3 source"):
+        task_sources(("piqa", "boolq"), "a;b;c")
+
+
+def test_multi_task_folder_needs_a_subfolder_per_task(fixtures, tmp_path):
+    with pytest.raises(DataError, match="one source per task joined by ';'"):
         build_training_examples("arc-c;boolq", fixtures / "arc-c" / "train.jsonl")
     (tmp_path / "arc-c").mkdir()
     with pytest.raises(DataError, match="missing the subfolder.*boolq"):
