@@ -1,0 +1,352 @@
+"""Command line of mlora: ``gen``, ``run`` and ``avail`` (launch.py) and ``train.py CONFIG``.
+
+Each subcommand is one small function taking the parsed arguments and returning an exit status:
+0 done, 2 bad input (config problems, bad flags; no traceback), 3 valid but not runnable yet.
+This module imports only the standard library and ``mlora.config``, so a config is validated
+before torch or a model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, get_args, get_origin, get_type_hints
+
+from mlora.config import CASUAL_TASK, ConfigError, LoraConfig, MixLoraConfig, RunConfig, config_from_dict, load_config, to_dict
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_NOT_BUILT = 3
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+DEFAULT_CONFIG = "mlora.json"
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
+class UsageError(Exception):
+    """Bad command-line input the user can fix; printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _bool(text: str) -> bool:
+    """argparse type for booleans written as True/False, true/false or 1/0."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(str(text).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected True or False (also true/false/1/0), got {text!r}")
+    return value
+
+
+def _split(text: Optional[str]) -> list[str]:
+    return [] if text is None else [part.strip() for part in text.split(";")]
+
+
+def _benchmarks() -> tuple[str, ...]:
+    from mlora.data import BENCHMARK_TASKS
+
+    return tuple(BENCHMARK_TASKS)
+
+
+def template_names() -> list[str]:
+    """Names of the templates shipped in templates/ (file names without .json)."""
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.json"))
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]}? " if close else ""
+
+
+def _read_template(name: str) -> dict:
+    """The template's JSON: a shipped template by name, or a run-config file given by path."""
+    path = TEMPLATE_DIR / f"{name}.json"
+    if not path.is_file():
+        if name.endswith(".json") and Path(name).is_file():
+            path = Path(name)
+        else:
+            names = template_names()
+            raise UsageError(
+                f"unknown template {name!r}; {_suggest(name, names)}valid templates: {', '.join(names)} "
+                "(or a path to a run-config .json file)"
+            )
+    # Validating the template first pins a broken template on the template, not on the output.
+    return to_dict(load_config(path))
+
+
+def _adapter_stem(label: str) -> str:
+    """A folder-safe adapter name stem: 'arc-c' -> 'arc_c', 'yahma/alpaca-cleaned' -> 'alpaca_cleaned'."""
+    stem = re.split(r"[/\\:]", label.rstrip("/\\"))[-1]
+    for suffix in _DATA_SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", stem).strip("_")
+    return stem or CASUAL_TASK
+
+
+def _resolve_task(task: str, data_path: Optional[str]) -> tuple[str, Optional[str], str]:
+    """One --tasks entry -> (task_name, data, name stem).
+
+    A benchmark keeps its name; anything that names a data set (a hub id 'owner/name', an
+    'id:subset', a local file or folder, or a name given a --data_path) becomes instruction data
+    ('casual') read from that source.
+    """
+    benchmarks = _benchmarks()
+    if task in benchmarks:
+        return task, data_path, _adapter_stem(task)
+    if task == CASUAL_TASK:
+        if data_path is None:
+            raise UsageError("task 'casual' needs --data_path (a hub id or a local json/jsonl/parquet file)")
+        return CASUAL_TASK, data_path, _adapter_stem(data_path)
+    if data_path is not None:
+        return CASUAL_TASK, data_path, _adapter_stem(task)
+    if "/" in task or ":" in task or task.endswith(_DATA_SUFFIXES) or os.path.exists(task):
+        return CASUAL_TASK, task, _adapter_stem(task)
+    raise UsageError(
+        f"unknown task {task!r}; {_suggest(task, benchmarks)}valid tasks: {', '.join(benchmarks)}; "
+        "for instruction data give a hub id (owner/name), a local file, or --data_path"
+    )
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    # Write-then-rename: an interrupted gen never leaves a half-written config behind.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=4) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _print_config_error(err: ConfigError, what: str = "in the config") -> None:
+    count = len(err.problems)
+    print(f"error: {count} problem{'s' if count != 1 else ''} {what}:", file=sys.stderr)
+    for line in str(err).splitlines():
+        print(f"  {line}", file=sys.stderr)
+
+
+def _describe_adapter(a: LoraConfig) -> str:
+    kind = "DoRA" if a.use_dora else "LoRA"
+    if isinstance(a, MixLoraConfig):
+        kind = "MixDoRA" if a.use_dora else "MixLoRA"
+        route = {
+            "mixlora": f"top-{a.top_k} routing",
+            "mixlora-switch": f"switch top-1 routing, capacity {a.expert_capacity}",
+            "mixlora-dynamic": f"dynamic top-p {a.top_p} routing",
+        }[a.routing_strategy]
+        kind += f", {a.num_experts} experts, {route}"
+    return f"{kind}, r={a.r}, alpha={a.lora_alpha:g}, lr={a.lr:g}"
+
+
+# --------------------------------------------------------------------------------- subcommands
+
+# gen's per-adapter overrides: (flag, config key, type, extra option strings m-LoRA users know).
+_ADAPTER_OVERRIDES = [
+    ("--r", "r", int, ()),
+    ("--lora_alpha", "lora_alpha", float, ()),
+    ("--lora_dropout", "lora_dropout", float, ()),
+    ("--lr", "lr", float, ("--learning_rate",)),
+    ("--batch_size", "batch_size", int, ()),
+    ("--micro_batch_size", "micro_batch_size", int, ()),
+    ("--evaluate_batch_size", "evaluate_batch_size", int, ()),
+    ("--num_epochs", "num_epochs", int, ()),
+    ("--scheduler_type", "scheduler_type", str, ("--lr_scheduler",)),  # choices come from the dataclass
+    ("--warmup_steps", "warmup_steps", int, ()),
+    ("--evaluate_steps", "evaluate_steps", int, ()),
+    ("--loraplus_lr_ratio", "loraplus_lr_ratio", float, ()),
+    ("--use_dora", "use_dora", _bool, ()),
+    ("--use_rslora", "use_rslora", _bool, ()),
+    ("--group_by_length", "group_by_length", _bool, ()),
+    ("--protocol", "protocol", str, ()),
+    ("--prompt", "prompt", str, ("--prompt_template",)),
+]
+_RUN_OVERRIDES = [("--cutoff_len", "cutoff_len", int), ("--save_step", "save_step", int)]
+
+
+def cmd_gen(args: argparse.Namespace) -> int:
+    """Write a fully resolved run config from a template and a list of tasks."""
+    if args.append and args.overwrite:
+        raise UsageError("give --append or --overwrite, not both")
+    template = _read_template(args.template)
+    tasks = _split(args.tasks)
+    if not tasks or any(not t for t in tasks):
+        raise UsageError(f"--tasks {args.tasks!r} has an empty task name; separate task names with ';'")
+    paths: list[Optional[str]] = [p or None for p in _split(args.data_path)] or [None] * len(tasks)
+    if len(paths) != len(tasks):
+        raise UsageError(f"--data_path gives {len(paths)} path(s) for {len(tasks)} task(s); give one per task, joined by ';'")
+    resolved = [_resolve_task(t, p) for t, p in zip(tasks, paths)]
+
+    out = Path(args.file_name)
+    run_level = {k: v for k, v in template.items() if k != "lora"}
+    adapters: list[dict] = []
+    if out.exists() and args.append:
+        existing = to_dict(load_config(out))
+        run_level = {k: v for k, v in existing.items() if k != "lora"}
+        adapters = existing["lora"]
+    elif out.exists() and not args.overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to replace it or --append to add adapters to it")
+    elif args.append:
+        raise UsageError(f"cannot append: {out} does not exist; drop --append to create it")
+    for flag, key, _ in _RUN_OVERRIDES:
+        if getattr(args, key) is not None:
+            run_level[key] = getattr(args, key)
+
+    groups = [resolved] if args.multi_task else [[r] for r in resolved]
+    for template_adapter in template["lora"]:
+        for group in groups:
+            a = dict(template_adapter)
+            a["task_name"] = ";".join(task for task, _, _ in group)
+            sources = [data for _, data, _ in group]
+            a["data"] = None if all(s is None for s in sources) else ";".join(s or "" for s in sources)
+            stem = args.adapter_name or ("multi_task" if args.multi_task else group[0][2])
+            a["name"] = f"{stem}_{len(adapters)}"
+            if any(task == CASUAL_TASK for task, _, _ in group):
+                a["prompt"] = "alpaca"
+            for _, key, _, _ in _ADAPTER_OVERRIDES:
+                if getattr(args, key) is not None:
+                    a[key] = getattr(args, key)
+            adapters.append(a)
+
+    try:
+        cfg = config_from_dict({**run_level, "lora": adapters}, source=str(out))
+    except ConfigError as err:
+        _print_config_error(err, "in the config gen would write (nothing was written)")
+        return EXIT_BAD_INPUT
+    _write_json_atomic(out, to_dict(cfg))
+    names = ", ".join(cfg.adapter_names)
+    print(f"wrote {out}: {len(cfg.lora)} adapter{'s' if len(cfg.lora) != 1 else ''} ({names})")
+    print(f"next: python launch.py run --config {out} --base_model <hub id | model folder | .gguf file>")
+    return EXIT_OK
+
+
+def cmd_avail(args: argparse.Namespace) -> int:
+    """List the templates (with what each trains) and the task names gen accepts."""
+    print("templates (python launch.py gen --template NAME):")
+    for name in template_names():
+        cfg = load_config(TEMPLATE_DIR / f"{name}.json")
+        print(f"  {name:<16} {'; '.join(_describe_adapter(a) for a in cfg.lora)}")
+    print("tasks (--tasks 'a;b;c'):")
+    for task in _benchmarks():
+        print(f"  {task}")
+    print("  any other name of a data set (owner/name hub id, local json/jsonl/parquet file, or a name")
+    print("  given --data_path) trains on instruction data ('casual' task, alpaca prompt)")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Validate the config, then (once built) train and evaluate every adapter in it."""
+    problems: Optional[ConfigError] = None
+    try:
+        cfg: Optional[RunConfig] = load_config(args.config)
+    except ConfigError as err:
+        problems, cfg = err, None
+    if problems is not None:
+        _print_config_error(problems)
+    if not args.base_model:
+        print("error: --base_model is required (a hub id, a local model folder or a .gguf file)", file=sys.stderr)
+    if problems is not None or not args.base_model:
+        return EXIT_BAD_INPUT
+    print(f"{args.config}: valid, {len(cfg.lora)} adapter(s):")
+    for a in cfg.lora:
+        print(f"  {a.name}: {a.task_name} ({_describe_adapter(a)})")
+    print(
+        "mlora cannot train yet: the training engine is not built in this version. "
+        "Nothing was loaded or written.",
+        file=sys.stderr,
+    )
+    return EXIT_NOT_BUILT
+
+
+# ------------------------------------------------------------------------------------ parsers
+
+
+def _help_of(key: str) -> str:
+    fields = {f.name: f for f in dataclasses.fields(MixLoraConfig)}
+    fields.update({f.name: f for f in dataclasses.fields(RunConfig)})
+    return fields[key].metadata["help"]
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags shared by `launch.py run` and `train.py`."""
+    p.add_argument("--base_model", help="Base model: hub id, local model folder, or .gguf file (required).")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="Compute dtype of the frozen base model "
+                   "(default: bf16 where the device supports it, else fp32).")  # fmt: skip
+    p.add_argument("--quantize", choices=["4bit", "8bit"], help="Load the base model quantized with bitsandbytes.")
+    p.add_argument("--device", help="Device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu).")
+    p.add_argument("--output_dir", default="./output", help="Where adapters, checkpoints and results go (default: ./output).")
+    p.add_argument("--seed", type=int, default=42, help="Random seed (default: 42).")
+    p.add_argument("--resume", action="store_true", help="Resume each adapter from its latest checkpoint in --output_dir.")
+    p.add_argument("--overwrite", action="store_true", help="Replace existing adapter folders in --output_dir.")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
+    p.add_argument("--attn_impl", help="Attention implementation: eager, sdpa or flash_attention_2 (default: the model's).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `launch.py` parser with its gen, run and avail subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Fine-tune many LoRA, DoRA, MixLoRA and MixDoRA adapters at once over one frozen base model.",
+        epilog="example: python launch.py gen --template mixlora --tasks 'arc-e;boolq' && "
+        "python launch.py run --base_model meta-llama/Llama-2-7b-hf",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{gen,run,avail}")
+
+    gen = sub.add_parser("gen", help="write a run config from a template", description=cmd_gen.__doc__)
+    gen.add_argument("--template", required=True, help="Template name (see `avail`) or a run-config .json path.")
+    gen.add_argument("--tasks", required=True, help="Task names joined by ';' (benchmarks, or data sets for instruction tuning).")
+    gen.add_argument("--file_name", default=DEFAULT_CONFIG, help=f"Output config file (default: {DEFAULT_CONFIG}).")
+    gen.add_argument("--multi_task", type=_bool, nargs="?", const=True, default=False,
+                     help="One adapter trained on all the tasks instead of one per task (default: False).")  # fmt: skip
+    gen.add_argument("--adapter_name", help="Name stem: adapters are named STEM_i (default: the task name, or "
+                     "'multi_task' with --multi_task).")  # fmt: skip
+    gen.add_argument("--data_path", help="Local data source per task, joined by ';' in --tasks order.")
+    gen.add_argument("--overwrite", type=_bool, nargs="?", const=True, default=False, help="Replace an existing --file_name.")
+    gen.add_argument("--append", type=_bool, nargs="?", const=True, default=False,
+                     help="Add the new adapters to an existing --file_name, keeping its run settings.")  # fmt: skip
+    for flag, key, typ in _RUN_OVERRIDES:
+        gen.add_argument(flag, dest=key, type=typ, help=f"Run setting: {_help_of(key)} Default: the template's.")
+    hints = get_type_hints(MixLoraConfig)
+    for flag, key, typ, aliases in _ADAPTER_OVERRIDES:
+        choices = get_args(hints[key]) if get_origin(hints[key]) is Literal else None
+        metavar = "BOOL" if typ is _bool else ("NAME" if choices else None)
+        one_of = f" One of: {', '.join(choices)}." if choices else ""
+        gen.add_argument(flag, *aliases, dest=key, type=typ, metavar=metavar, choices=choices,
+                         help=f"Per adapter: {_help_of(key)}{one_of} Default: the template's.")  # fmt: skip
+    gen.set_defaults(func=cmd_gen)
+
+    run = sub.add_parser("run", help="validate a run config, then train and evaluate", description=cmd_run.__doc__)
+    run.add_argument("--config", default=DEFAULT_CONFIG, help=f"Run config file (default: {DEFAULT_CONFIG}).")
+    _add_run_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    avail = sub.add_parser("avail", help="list templates and tasks", description=cmd_avail.__doc__)
+    avail.set_defaults(func=cmd_avail)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        _print_config_error(err)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of launch.py (and the `mlora` console script); returns the exit status."""
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of train.py: `train.py CONFIG --base_model X`, the same as `launch.py run`."""
+    parser = argparse.ArgumentParser(prog="train.py", description="Train and evaluate the adapters of one run config "
+                                     "(the same as `launch.py run --config CONFIG`).")  # fmt: skip
+    parser.add_argument("config", help="Run config file (write one with `launch.py gen`).")
+    _add_run_flags(parser)
+    parser.set_defaults(func=cmd_run)
+    return _dispatch(parser.parse_args(argv))
