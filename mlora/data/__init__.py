@@ -18,23 +18,43 @@ Public API (see each function's docstring for details):
     collate(examples, pad_id, padding_side="right") -> dict of (B, T) long tensors
 """
 
+from mlora.data.casual import PromptTemplate, load_template
+from mlora.data.errors import DataError
+from mlora.data.items import PROTOCOLS, MultipleChoiceItem, TrainingExample
+from mlora.data.load import build_training_examples, load_items, task_sources
+from mlora.data.registry import CASUAL, get_task, is_benchmark, task_names
+from mlora.data.task import Task
+
 # The commonsense benchmarks every adapter can be trained and scored on (DESIGN.md section 6).
 BENCHMARK_TASKS = ("arc-c", "arc-e", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
 
-from mlora.data.casual import PromptTemplate, load_template  # noqa: E402
-from mlora.data.errors import DataError  # noqa: E402
-from mlora.data.items import PROTOCOLS, MultipleChoiceItem, TrainingExample  # noqa: E402
-from mlora.data.load import build_training_examples, load_items, task_sources  # noqa: E402
-from mlora.data.registry import CASUAL, get_task, is_benchmark, task_names  # noqa: E402
-from mlora.data.task import Task  # noqa: E402
-
-_TOKENIZE_EXPORTS = ("IGNORE_INDEX", "TokenizedExample", "TokenizedExamples", "collate", "tokenize_example", "tokenize_examples")
+_TOKENIZE_EXPORTS = (
+    "IGNORE_INDEX", "TokenizedExample", "TokenizedExamples", "collate", "tokenize_example", "tokenize_examples",
+)
 
 __all__ = [
-    "BENCHMARK_TASKS", "CASUAL", "PROTOCOLS", "DataError", "MultipleChoiceItem", "PromptTemplate", "Task",
-    "TrainingExample", "build_training_examples", "get_task", "is_benchmark", "load_items", "load_template",
-    "task_names", "task_sources", *_TOKENIZE_EXPORTS,
-]
+    "BENCHMARK_TASKS",
+    "CASUAL",
+    "IGNORE_INDEX",
+    "PROTOCOLS",
+    "DataError",
+    "MultipleChoiceItem",
+    "PromptTemplate",
+    "Task",
+    "TokenizedExample",
+    "TokenizedExamples",
+    "TrainingExample",
+    "build_training_examples",
+    "collate",
+    "get_task",
+    "is_benchmark",
+    "load_items",
+    "load_template",
+    "task_names",
+    "task_sources",
+    "tokenize_example",
+    "tokenize_examples",
+]  # fmt: skip
 
 
 def __getattr__(name):

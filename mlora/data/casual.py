@@ -24,6 +24,7 @@ from mlora.data.errors import DataError, RowError
 from mlora.data.items import TrainingExample
 from mlora.data.sources import RowChunk, parse_rows
 
+# Instruction data (alpaca records) trained with a prompt template; not a benchmark.
 CASUAL = "casual"
 
 
@@ -68,7 +69,9 @@ def _placeholders(template: str, key: str, source: str) -> set[str]:
     try:
         return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as exc:
-        raise DataError(f"{source}: {key!r} is not a valid template ({exc}); write a literal brace as '{{{{' or '}}}}'.") from None
+        raise DataError(
+            f"{source}: {key!r} is not a valid template ({exc}); write a literal brace as '{{{{' or '}}}}'."
+        ) from None
 
 
 def template_from_dict(content: Any, source: str) -> PromptTemplate:
@@ -140,6 +143,8 @@ def instruction_example(row: Mapping[str, Any], template: PromptTemplate) -> Tra
     return TrainingExample(CASUAL, template.render(instruction, (raw_input or "").strip()), output, add_eos=True)
 
 
-def instruction_examples(chunks: Sequence[RowChunk], template: PromptTemplate, limit: int | None = None) -> list[TrainingExample]:
+def instruction_examples(
+    chunks: Sequence[RowChunk], template: PromptTemplate, limit: int | None = None
+) -> list[TrainingExample]:
     """Examples from every row (up to `limit`), or a `DataError` listing the malformed rows."""
     return parse_rows(CASUAL, chunks, lambda row: instruction_example(row, template), limit)

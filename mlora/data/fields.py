@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,8 +58,8 @@ def index_label(row: Mapping[str, Any], key: str, first: int, count: int) -> int
     number = None
     if isinstance(raw, int) and not isinstance(raw, bool):
         number = raw
-    elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
-        number = int(raw.strip())
+    elif isinstance(raw, str) and re.fullmatch(r"\s*-?\d+\s*", raw):
+        number = int(raw)
     valid = ", ".join(str(n) for n in range(first, first + count))
     if number is None or not first <= number < first + count:
         raise RowError(f"field {key!r} is {raw!r}, out of range (expected one of {valid})")
@@ -83,10 +84,7 @@ def string_list(row: Mapping[str, Any], key: str, min_len: int = 2) -> list[str]
     """A list of non-empty strings with at least `min_len` entries (stripped)."""
     raw = _decoded(value(row, key), key)
     if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Sequence):
-        # Parquet hands lists back as lists; anything else is not a list of strings.
-        if not hasattr(raw, "tolist"):
-            raise RowError(f"field {key!r} should be a list of strings, got {type(raw).__name__}")
-        raw = raw.tolist()
+        raise RowError(f"field {key!r} should be a list of strings, got {type(raw).__name__}")
     items = list(raw)
     if len(items) < min_len:
         raise RowError(f"field {key!r} has {len(items)} entries, expected at least {min_len}")

@@ -83,7 +83,9 @@ def task_sources(names: Sequence[str], data: DataSpec | Sequence[DataSpec]) -> l
             raise DataError(f"{folder}: missing the subfolder(s) {', '.join(missing)} for this multi-task adapter.")
         return [(name, folder / name) for name in names]
     if len(sources) != len(names):
-        raise DataError(f"data gives {len(sources)} source(s) for {len(names)} task(s) ({';'.join(names)}); give one per task.")
+        raise DataError(
+            f"data gives {len(sources)} source(s) for {len(names)} task(s) ({';'.join(names)}); give one per task."
+        )
     return list(zip(names, sources))
 
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import difflib
 
 from mlora.data import arc, boolq, hellaswag, obqa, piqa, siqa, winogrande
+from mlora.data.casual import CASUAL
 from mlora.data.errors import DataError
 from mlora.data.task import Task
-
-# Instruction data (alpaca records) trained with a prompt template; not a benchmark.
-CASUAL = "casual"
 
 _TASKS: dict[str, Task] = {
     task.name: task

@@ -125,11 +125,12 @@ def _read_json(path: Path) -> RowChunk:
 
 
 def _read_parquet(path: Path) -> RowChunk:
+    import pyarrow
     import pyarrow.parquet  # imported here: only parquet users pay for it
 
     try:
         rows = pyarrow.parquet.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several types for a damaged file
+    except (pyarrow.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read it as parquet ({type(exc).__name__}: {exc}).") from None
     return RowChunk(str(path), rows)
 

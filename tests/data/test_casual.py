@@ -51,7 +51,9 @@ def test_bad_template_file_lists_every_problem(tmp_path):
     assert "unknown key 'colour'" in text
     assert "'prompt_no_input' must be a non-empty string" in text
     assert "'response_split' must be a non-empty string" in text
-    assert "'prompt_input' uses placeholders ['instruction', 'question'], expected exactly {input}, {instruction}" in text
+    assert (
+        "'prompt_input' uses placeholders ['instruction', 'question'], expected exactly {input}, {instruction}"
+    ) in text
 
 
 def test_unknown_template_name():

@@ -11,8 +11,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from mlora.data import DataError, build_training_examples, load_items
-from mlora.data import sources
+from mlora.data import DataError, build_training_examples, load_items, sources
 
 PIQA_ROWS = [
     {"goal": "To cool soup,", "sol1": "stir it in a wide bowl.", "sol2": "cover it with a blanket.", "label": 0},
@@ -20,8 +19,14 @@ PIQA_ROWS = [
     {"goal": "To fold a shirt,", "sol1": "lay it flat first.", "sol2": "crumple it up.", "label": 0},
 ]
 ARC_ROWS = [
-    {"id": "x1", "question": "Pick one.", "choices": {"text": ["red", "blue", "green"], "label": ["A", "B", "C"]}, "answerKey": "C"},
-    {"id": "x2", "question": "Pick two.", "choices": {"text": ["a", "b", "c", "d", "e"], "label": ["1", "2", "3", "4", "5"]}, "answerKey": "2"},
+    {
+        "id": "x1", "question": "Pick one.",
+        "choices": {"text": ["red", "blue", "green"], "label": ["A", "B", "C"]}, "answerKey": "C",
+    },
+    {
+        "id": "x2", "question": "Pick two.",
+        "choices": {"text": ["a", "b", "c", "d", "e"], "label": ["1", "2", "3", "4", "5"]}, "answerKey": "2",
+    },
 ]
 
 
@@ -39,7 +44,11 @@ def _piqa_answers(items):
     return [(item.contexts[0], item.answer) for item in items]
 
 
-PIQA_EXPECTED = [("Goal: To cool soup,\nAnswer:", 0), ("Goal: To find a lost key,\nAnswer:", 1), ("Goal: To fold a shirt,\nAnswer:", 0)]
+PIQA_EXPECTED = [
+    ("Goal: To cool soup,\nAnswer:", 0),
+    ("Goal: To find a lost key,\nAnswer:", 1),
+    ("Goal: To fold a shirt,\nAnswer:", 0),
+]
 
 
 # ----------------------------------------------------------------------------- formats
@@ -94,7 +103,8 @@ def test_csv_cells_are_text(tmp_path):
     (tmp_path / "train.csv").write_text("goal,sol1,sol2,label\nTo go,walk,fly,1\nTo stay,sit,run,3\n", encoding="utf-8")
     with pytest.raises(DataError) as caught:
         load_items("piqa", "train", tmp_path)
-    assert f"{tmp_path / 'train.csv'} row 2: field 'label' is '3', out of range (expected one of 0, 1)" in str(caught.value)
+    expected = f"{tmp_path / 'train.csv'} row 2: field 'label' is '3', out of range (expected one of 0, 1)"
+    assert expected in str(caught.value)
 
 
 def test_shards_and_hub_snapshot_layouts(tmp_path):

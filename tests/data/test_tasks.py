@@ -27,6 +27,10 @@ def _eval(task, fixtures):
 
 def test_benchmark_tasks_constant_is_unchanged():
     assert BENCHMARK_TASKS == ("arc-c", "arc-e", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
+    # The registry holds exactly these tasks.
+    from mlora.data.registry import _TASKS
+
+    assert tuple(_TASKS) == BENCHMARK_TASKS
 
 
 @pytest.mark.parametrize(
@@ -234,7 +238,7 @@ def test_hellaswag_wikihow_markup_is_removed(fixtures):
 def test_hellaswag_row_with_ctx_only():
     from mlora.data.hellaswag import parse_hellaswag
 
-    row = {"activity_label": "Rowing", "ctx": "A team pushes a boat into a lake.", "endings": ["w x", "y z"], "label": 1}
+    row = {"activity_label": "Rowing", "ctx": "A team pushes a boat into a lake.", "endings": ["w", "y"], "label": 1}
     item = parse_hellaswag("hellaswag", row)
     assert item.contexts == ("Rowing: A team pushes a boat into a lake.",) * 2
     assert item.labels == ("A", "B")
@@ -290,7 +294,7 @@ def _write_jsonl(path, rows):
 @pytest.mark.parametrize(
     "task, good, bad, message",
     [
-        ("hellaswag", {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e", "f", "g"], "label": "3"},
+        ("hellaswag", {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e", "f", "g"], "label": 3},
          {"label": "4"}, "field 'label' is '4', out of range (expected one of 0, 1, 2, 3)"),
         ("siqa", {"context": "a", "question": "b", "answerA": "c", "answerB": "d", "answerC": "e", "label": "3"},
          {"label": "0"}, "field 'label' is '0', out of range (expected one of 1, 2, 3)"),
