@@ -16,6 +16,8 @@ Public API (see each function's docstring for details):
     tokenize_examples(tokenizer, examples, cutoff_len, train_on_inputs=False)
         -> TokenizedExamples                 (imports torch; loaded on first use)
     collate(examples, pad_id, padding_side="right") -> dict of (B, T) long tensors
+    split_ids(tokenizer, context, continuation) -> (context_ids, continuation_ids)
+                                            the training boundary, for evaluation
 """
 
 from mlora.data.casual import PromptTemplate, load_template
@@ -29,7 +31,8 @@ from mlora.data.task import Task
 BENCHMARK_TASKS = ("arc-c", "arc-e", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
 
 _TOKENIZE_EXPORTS = (
-    "IGNORE_INDEX", "TokenizedExample", "TokenizedExamples", "collate", "tokenize_example", "tokenize_examples",
+    "IGNORE_INDEX", "TokenizedExample", "TokenizedExamples", "collate", "split_ids", "tokenize_example",
+    "tokenize_examples",
 )
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "is_benchmark",
     "load_items",
     "load_template",
+    "split_ids",
     "task_names",
     "task_sources",
     "tokenize_example",

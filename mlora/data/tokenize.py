@@ -73,6 +73,21 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def split_ids(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of `context + continuation`, split at the boundary rule of this module.
+
+    Returns (context_ids, continuation_ids); their concatenation is the tokenization of the
+    whole text. Evaluation uses it so that it scores exactly the tokens training targeted:
+    for a `choice` item, `split_ids(tok, item.prompt, item.label_targets[i])[1][0]` is the
+    token of letter i and `context_ids` the input whose last position predicts it; for
+    `loglikelihood`, the continuation ids of each (context, continuation) request.
+    """
+    prompt_ids = list(tokenizer.encode(context, add_special_tokens=True))
+    whole = list(tokenizer.encode(context + continuation, add_special_tokens=True))
+    boundary = _common_prefix(prompt_ids, whole)
+    return whole[:boundary], whole[boundary:]
+
+
 def tokenize_example(
     tokenizer: Tokenizer, example: TrainingExample, cutoff_len: int, train_on_inputs: bool = False
 ) -> tuple[TokenizedExample, bool]:
@@ -83,15 +98,15 @@ def tokenize_example(
     """
     if cutoff_len < 1:
         raise ValueError(f"cutoff_len must be positive, got {cutoff_len}")
-    prompt_ids = list(tokenizer.encode(example.prompt, add_special_tokens=True))
-    input_ids = list(tokenizer.encode(example.prompt + example.target, add_special_tokens=True))
+    context_ids, target_ids = split_ids(tokenizer, example.prompt, example.target)
+    boundary = len(context_ids)
+    input_ids = context_ids + target_ids
     if example.add_eos:
         eos = tokenizer.eos_token_id
         if eos is None:
             raise DataError("The tokenizer has no EOS token, which instruction ('casual') data needs.")
         if not input_ids or input_ids[-1] != eos:
             input_ids.append(eos)
-    boundary = _common_prefix(prompt_ids, input_ids)
     if train_on_inputs:
         labels = list(input_ids)
     else:

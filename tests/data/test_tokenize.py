@@ -7,7 +7,15 @@ listed words in order; the tokenizer puts <s> first.
 import pytest
 import torch
 
-from mlora.data import DataError, TrainingExample, collate, load_items, tokenize_example, tokenize_examples
+from mlora.data import (
+    DataError,
+    TrainingExample,
+    collate,
+    load_items,
+    split_ids,
+    tokenize_example,
+    tokenize_examples,
+)
 
 X = -100  # ignored by the loss
 
@@ -118,3 +126,16 @@ def test_fixture_item_trains_on_its_letter(make_tokenizer, fixtures):
     tokenized, _ = tokenize_example(tokenizer, item.training_example("choice"), cutoff_len=256)
     assert tokenized.input_ids[-3:] == [4, 5, 7]  # "Answer", ":", "B"
     assert tokenized.labels == [X] * (len(tokenized.input_ids) - 1) + [7]
+
+
+def test_split_ids_for_evaluation(make_tokenizer, fixtures):
+    tokenizer = make_tokenizer(["Answer", ":", "A", "B", "C", "a", "copper", "wire"])  # ids 4..11
+    item = load_items("arc-c", "eval", fixtures)[0]  # labels A, B, C
+    letters = [split_ids(tokenizer, item.prompt, target) for target in item.label_targets]
+    assert [continuation for _, continuation in letters] == [[6], [7], [8]]
+    assert letters[0][0][-2:] == [4, 5]  # the context ends at "Answer :"
+    context, continuation = split_ids(tokenizer, *item.loglikelihood_requests()[1])
+    assert context[-2:] == [4, 5]
+    assert continuation == [9, 10, 11]  # " a copper wire"
+    merged = make_tokenizer(["the", "cat", "cats"], split_punctuation=False)
+    assert split_ids(merged, "the cat", "s") == ([2, 4], [6])
