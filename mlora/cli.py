@@ -70,6 +70,8 @@ def _read_template(name: str) -> dict:
     if not path.is_file():
         if name.endswith(".json") and Path(name).is_file():
             path = Path(name)
+        elif not TEMPLATE_DIR.is_dir():
+            raise UsageError(f"no templates folder at {TEMPLATE_DIR}; install mlora from a checkout with `pip install -e .`")
         else:
             names = template_names()
             raise UsageError(

@@ -404,6 +404,13 @@ def _check_type(value: Any, tp: Any) -> tuple[bool, Any, str]:
     return True, value, ""  # a nested config is checked by its own dataclass
 
 
+def _choices(tp: Any) -> tuple:
+    """The allowed strings of a Literal (or Optional Literal) annotation; () for other types."""
+    if get_origin(tp) is Union:
+        tp = [a for a in get_args(tp) if a is not type(None)][0]
+    return get_args(tp) if get_origin(tp) is Literal else ()
+
+
 def _finish(cfg: Any) -> None:
     """Normalise a config dataclass in place; raise ConfigError listing all of its problems.
 
@@ -424,9 +431,7 @@ def _finish(cfg: Any) -> None:
         if not ok:
             if bounds and ("integer" in expected or "number" in expected):
                 expected = expected.replace("integer", f"integer {bounds}").replace("number", f"number {bounds}")
-            hint = ""
-            if isinstance(value, str) and expected.startswith("one of"):
-                hint = _suggest(value, get_args(hints[f.name]))
+            hint = _suggest(value, _choices(hints[f.name])) if isinstance(value, str) else ""
             problems.append(f"{f.name}: expected {expected}, got {_describe(value)}{hint}")
             bad.add(f.name)
         elif _out_of_bounds(norm, f.metadata):
@@ -465,7 +470,7 @@ def _normalise_lora(cfg: LoraConfig, problems: list[str], bad: set[str]) -> None
 
 
 def _task_problems(task_name: str, data: Optional[str]) -> list[str]:
-    """Each task must be known; 'casual' needs data; multi-task data gives one source per task."""
+    """Each task must be known, and data (when given) has one source per task."""
     from mlora.data import BENCHMARK_TASKS  # a tuple in a torch-free module: cheap to import here
 
     out = []

@@ -174,6 +174,16 @@ def test_key_of_another_routing_strategy_is_rejected(strategy, key, owner):
     one_problem(run_cfg({**ARC, "routing_strategy": strategy, key: 1}), f"lora[0].{key}", f"'{owner}'")
 
 
+def test_expert_lora_bad_choice_gets_a_suggestion():
+    d = {**ARC, "routing_strategy": "mixlora", "expert_lora": {"lora_init": "gausian", "use_dora": 1}}
+    problems = problems_of(run_cfg(d))
+    assert problems == [
+        "lora[0].expert_lora.use_dora: expected true or false or null, got 1 (an integer)",
+        "lora[0].expert_lora.lora_init: expected one of 'original', 'gaussian' or null, got \"gausian\" (a string); "
+        "did you mean gaussian?",
+    ]
+
+
 def test_expert_lora_unknown_key_and_range():
     problems = problems_of(run_cfg({**ARC, "routing_strategy": "mixlora", "expert_lora": {"alpha": 3, "r": 0}}))
     assert "lora[0].expert_lora.alpha: unknown key; did you mean lora_alpha?" in problems
