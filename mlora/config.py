@@ -171,10 +171,8 @@ class LoraConfig:
         if warm and self.warmup_steps and self.warmup_ratio:
             out.append("warmup_steps: give warmup_steps or warmup_ratio, not both")
         if warm and ok({"scheduler_type"}) and (self.warmup_steps or self.warmup_ratio) and self.scheduler_type == "constant":
-            out.append(
-                "scheduler_type: 'constant' has no warm-up; use 'constant_with_warmup' or another schedule, "
-                "or set warmup_steps/warmup_ratio to 0"
-            )
+            out.append("scheduler_type: 'constant' has no warm-up; use 'constant_with_warmup' or another schedule, "
+                       "or set warmup_steps/warmup_ratio to 0")  # fmt: skip
         if ok({"task_name", "data"}):
             out += _task_problems(self.task_name, self.data)
         if ok({"target_modules"}):
@@ -186,11 +184,9 @@ class LoraConfig:
             dup = sorted({m for m in self.target_modules if self.target_modules.count(m) > 1})
             if dup:
                 out.append(f"target_modules: lists {', '.join(dup)} more than once")
-        if ok({"name"}) and (not _NAME_RE.match(self.name) or self.name in (".", "..")):
-            out.append(
-                f"name: {self.name!r} cannot be a folder name; use letters, digits, '_', '-' or '.' "
-                "(start with a letter or digit, at most 100 characters)"
-            )
+        if ok({"name"}) and not _NAME_RE.match(self.name):
+            out.append(f"name: {self.name!r} cannot be a folder name; use letters, digits, '_', '-' or '.' "
+                       "(start with a letter or digit, at most 100 characters)")  # fmt: skip
         if ok({"prompt"}) and not self.prompt.strip():
             out.append("prompt: must not be empty")
         return out
@@ -260,34 +256,19 @@ class MixLoraConfig(LoraConfig):
     def expert_settings(self) -> ExpertSettings:
         """The LoRA settings of every expert: ``expert_lora`` values over the adapter's."""
         e = self.expert_lora or ExpertLoraConfig()
-
-        def pick(name):
-            value = getattr(e, name)
-            return getattr(self, name) if value is None else value
-
-        r, alpha, rs = pick("r"), pick("lora_alpha"), pick("use_rslora")
-        return ExpertSettings(
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=pick("lora_dropout"),
-            use_dora=pick("use_dora"),
-            use_rslora=rs,
-            lora_init=pick("lora_init"),
-            scaling=_scaling(alpha, r, rs),
-        )
+        names = ("r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "lora_init")
+        v = {n: getattr(self, n) if getattr(e, n) is None else getattr(e, n) for n in names}
+        return ExpertSettings(**v, scaling=_scaling(v["lora_alpha"], v["r"], v["use_rslora"]))
 
     def _problems(self, skip: set[str]) -> list[str]:
         ok = skip.isdisjoint
         out = super()._problems(skip)
-        if ok({"top_k", "num_experts", "routing_strategy"}) and self.routing_strategy == "mixlora":
-            if self.top_k > self.num_experts:
-                out.append(f"top_k: {self.top_k} exceeds num_experts {self.num_experts}")
-        if ok({"expert_capacity", "routing_strategy"}) and self.routing_strategy == "mixlora-switch":
-            if self.expert_capacity <= 0:
-                out.append(
-                    f"expert_capacity: mixlora-switch needs expert_capacity > 0, got {self.expert_capacity} "
-                    "(a common choice: cutoff_len / num_experts * 1.25)"
-                )
+        strategy = self.routing_strategy
+        if ok({"top_k", "num_experts", "routing_strategy"}) and strategy == "mixlora" and self.top_k > self.num_experts:
+            out.append(f"top_k: {self.top_k} exceeds num_experts {self.num_experts}")
+        if ok({"expert_capacity", "routing_strategy"}) and strategy == "mixlora-switch" and self.expert_capacity <= 0:
+            out.append(f"expert_capacity: mixlora-switch needs expert_capacity > 0, got {self.expert_capacity} "
+                       "(a common choice: cutoff_len / num_experts * 1.25)")  # fmt: skip
         if ok({"act_fn"}) and self.act_fn is not None and self.act_fn not in _ACTIVATIONS:
             out.append(f"act_fn: unknown activation {self.act_fn!r}{_suggest(self.act_fn, _ACTIVATIONS)}")
         return out
@@ -320,10 +301,8 @@ class RunConfig:
         out = []
         pair = {"train_lora_simultaneously_num", "train_lora_candidate_num"}
         if ok(pair) and self.train_lora_simultaneously_num > self.train_lora_candidate_num:
-            out.append(
-                f"train_lora_simultaneously_num: {self.train_lora_simultaneously_num} exceeds "
-                f"train_lora_candidate_num {self.train_lora_candidate_num}"
-            )
+            out.append(f"train_lora_simultaneously_num: {self.train_lora_simultaneously_num} exceeds "
+                       f"train_lora_candidate_num {self.train_lora_candidate_num}")  # fmt: skip
         if not ok({"lora"}):
             return out
         if not self.lora:
@@ -481,11 +460,8 @@ def _task_problems(task_name: str, data: Optional[str]) -> list[str]:
             out.append(f"task_name: unknown task {t!r}{_suggest(t, valid)} (valid: {', '.join(valid)})")
     sources = [None] * len(tasks) if data is None else [s.strip() or None for s in data.split(";")]
     if len(sources) != len(tasks):
-        out.append(
-            f"data: gives {len(sources)} source(s) for {len(tasks)} task(s); give one per task joined by ';' "
-            "(an empty entry uses that benchmark's default source)"
-        )
-        return out
+        return out + [f"data: gives {len(sources)} source(s) for {len(tasks)} task(s); give one per task joined by "
+                      "';' (an empty entry uses that benchmark's default source)"]  # fmt: skip
     pairs = list(zip(tasks, sources))
     if len(set(pairs)) != len(pairs):
         out.append("task_name: lists the same task (with the same data) more than once")
