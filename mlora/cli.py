@@ -23,6 +23,8 @@ from mlora.config import CASUAL_TASK, ConfigError, LoraConfig, MixLoraConfig, Ru
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_NOT_BUILT = 3
+EXIT_TRAIN_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_CONFIG = "mlora.json"
@@ -239,7 +241,12 @@ def cmd_avail(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Validate the config, then (once built) train and evaluate every adapter in it."""
+    """Validate the config, then train every adapter in it, save them and say where they went.
+
+    Exit status: 0 all adapters trained, 1 some adapter stopped (non-finite losses), 2 bad input
+    found before training (config, flags, data, base model, target modules, existing outputs),
+    130 interrupted by Ctrl-C (a checkpoint was saved; continue with --resume).
+    """
     problems: Optional[ConfigError] = None
     try:
         cfg: Optional[RunConfig] = load_config(args.config)
@@ -254,12 +261,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{args.config}: valid, {len(cfg.lora)} adapter(s):")
     for a in cfg.lora:
         print(f"  {a.name}: {a.task_name} ({_describe_adapter(a)})")
-    print(
-        "mlora cannot train yet: the training engine is not built in this version. "
-        "Nothing was loaded or written.",
-        file=sys.stderr,
-    )
-    return EXIT_NOT_BUILT
+    sys.stdout.flush()
+
+    # Imported here: validating a config must not pay for torch.
+    import logging
+
+    from mlora.data import DataError
+    from mlora.io import AdapterFileError
+    from mlora.model.adapted import AdapterError
+    from mlora.model.loading import ModelLoadError
+    from mlora.train import TrainError, TrainOptions, run_training
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        summary = run_training(cfg, TrainOptions.from_args(args))
+    except (TrainError, DataError, ModelLoadError, AdapterError, AdapterFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for line in summary.lines():
+        print(line)
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    # Evaluation of the trained adapters hooks in here (evaluation issue): the finished adapters
+    # are in summary.adapters[name].folder; summary.model / summary.tokenizer hold the base model.
+    failed = [a.name for a in summary.adapters.values() if a.status == "failed"]
+    return EXIT_TRAIN_FAILED if failed else EXIT_OK
 
 
 # ------------------------------------------------------------------------------------ parsers
@@ -275,7 +302,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags shared by `launch.py run` and `train.py`."""
     p.add_argument("--base_model", help="Base model: hub id, local model folder, or .gguf file (required).")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="Compute dtype of the frozen base model "
-                   "(default: bf16 where the device supports it, else fp32).")  # fmt: skip
+                   "(default: bf16 on a CUDA GPU that supports it, else fp32).")  # fmt: skip
     p.add_argument("--quantize", choices=["4bit", "8bit"], help="Load the base model quantized with bitsandbytes.")
     p.add_argument("--device", help="Device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu).")
     p.add_argument("--output_dir", default="./output", help="Where adapters, checkpoints and results go (default: ./output).")

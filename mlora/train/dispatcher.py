@@ -1,0 +1,119 @@
+"""Which adapters are loaded, and which of them share the next training step.
+
+Adapters move ``waiting -> active -> done``. At most ``train_lora_candidate_num`` are active
+(loaded on the model, optimizer state in memory); as one finishes, the next waiting adapter
+(config order) is loaded. Each step takes one micro-batch from each of up to
+``train_lora_simultaneously_num`` active adapters:
+
+* ``train_strategy: none`` -- round robin: the adapters that have waited longest since they
+  last trained (ties: load order).
+* ``train_strategy: optim`` -- the adapter that has waited longest, plus the others whose next
+  micro-batches pad least against it: a mixed batch is padded to its longest row, so adapters
+  with similar lengths waste less compute. Anchoring on the longest-waiting adapter keeps
+  every adapter training (no starvation).
+
+Every decision is a pure function of the `Dispatcher` state and the adapters' next
+micro-batch sizes, so a resumed run makes the same choices as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+# Beyond this many candidate subsets, `optim` picks greedily by length instead of exhaustively.
+_MAX_SUBSETS = 5000
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An active adapter's next micro-batch: rows and the length of its longest row."""
+
+    name: str
+    rows: int
+    max_len: int
+
+
+@dataclass
+class Dispatcher:
+    """The queue of adapters and the step counter the choices are made against.
+
+    Attributes:
+        waiting: adapters not loaded yet, in config order.
+        active: loaded adapters, in load order.
+        last_trained: adapter -> the step it last trained in (-1: never).
+        step: global training steps done so far.
+    """
+
+    waiting: list[str]
+    active: list[str] = field(default_factory=list)
+    last_trained: dict[str, int] = field(default_factory=dict)
+    step: int = 0
+
+    def to_load(self, candidate_num: int) -> list[str]:
+        """Move waiting adapters to active until `candidate_num` are active; returns those moved."""
+        moved = []
+        while self.waiting and len(self.active) < candidate_num:
+            name = self.waiting.pop(0)
+            self.active.append(name)
+            self.last_trained.setdefault(name, -1)
+            moved.append(name)
+        return moved
+
+    def retire(self, name: str) -> None:
+        """An active adapter is done (finished or stopped)."""
+        self.active.remove(name)
+        self.last_trained.pop(name, None)
+
+    def choose(self, candidates: list[Candidate], n: int, strategy: str) -> list[str]:
+        """The adapters of the next step, in row order (load order).
+
+        Args:
+            candidates: the active adapters' next micro-batches, in load order.
+            n: ``train_lora_simultaneously_num``.
+            strategy: ``"optim"`` or ``"none"``.
+        """
+        if not candidates:
+            return []
+        n = min(n, len(candidates))
+        load_order = {c.name: i for i, c in enumerate(candidates)}
+        by_wait = sorted(candidates, key=lambda c: (self.last_trained.get(c.name, -1), load_order[c.name]))
+        if strategy == "none" or n == len(candidates):
+            chosen = by_wait[:n]
+        else:
+            anchor, others = by_wait[0], [c for c in candidates if c.name != anchor.name]
+            chosen = [anchor, *_least_padding(anchor, others, n - 1)]
+        return sorted((c.name for c in chosen), key=load_order.__getitem__)
+
+    def record(self, names: list[str]) -> None:
+        """Mark `names` as trained in the current step and advance the step counter."""
+        for name in names:
+            self.last_trained[name] = self.step
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"waiting": list(self.waiting), "active": list(self.active),
+                "last_trained": dict(self.last_trained), "step": self.step}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Dispatcher":
+        return cls(list(state["waiting"]), list(state["active"]), dict(state["last_trained"]), int(state["step"]))
+
+
+def padding_cost(chosen: list[Candidate]) -> int:
+    """Padding tokens added by batching `chosen` together beyond each one's own padding."""
+    width = max(c.max_len for c in chosen)
+    return sum(c.rows * (width - c.max_len) for c in chosen)
+
+
+def _least_padding(anchor: Candidate, others: list[Candidate], k: int) -> list[Candidate]:
+    """The `k` of `others` that pad least together with `anchor` (first such set in load order)."""
+    if k <= 0:
+        return []
+    count = 1
+    for i in range(k):  # C(len(others), k) without overflow worries for small k
+        count = count * (len(others) - i) // (i + 1)
+    if count <= _MAX_SUBSETS:
+        best = min(itertools.combinations(others, k), key=lambda s: padding_cost([anchor, *s]))
+        return list(best)
+    return sorted(others, key=lambda c: abs(c.max_len - anchor.max_len))[:k]

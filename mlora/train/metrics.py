@@ -1,0 +1,122 @@
+"""Training metrics: one JSONL file per adapter, TensorBoard (when installed), a progress bar.
+
+A metrics line is written per optimizer step::
+
+    {"step": 12, "epoch": 0, "loss": 1.93, "aux_loss": 0.0, "lr": 0.0003, "grad_norm": 0.41,
+     "tokens": 812, "seconds": 0.21}
+
+and an event line for anything unusual (``{"step": 13, "event": "nan_loss", ...}``).
+`tokens` counts the adapter's real (non-padding) tokens in that optimizer batch, `seconds`
+the wall time since its previous step. On resume, lines past the checkpoint are dropped so
+the file reads like one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("mlora.train")
+
+
+class MetricsLog:
+    """Appends one adapter's metrics to ``<folder>/<name>.jsonl`` and, if TensorBoard is
+    installed, to event files under ``<tensorboard_dir>/<name>``."""
+
+    def __init__(self, name: str, folder: Path, tensorboard_dir: Path | None, keep_until: int | None):
+        """`keep_until`: None starts the file afresh; a step keeps the lines up to it (resume)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{name}.jsonl"
+        lines = []
+        if keep_until is not None and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if record.get("step", 0) <= keep_until:
+                    lines.append(line + "\n")
+        self.path.write_text("".join(lines), encoding="utf-8")
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tb = _tensorboard_writer(tensorboard_dir / name) if tensorboard_dir is not None else None
+
+    def step(self, record: dict) -> None:
+        """Write one optimizer step's metrics (``step`` required)."""
+        self._write(record)
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def event(self, step: int, event: str, **details) -> None:
+        self._write({"step": step, "event": event, **details})
+
+    def _write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class Progress:
+    """A tqdm bar over all adapters' micro-batches, showing per-adapter loss and lr,
+    tokens/s and memory. ``enabled=False`` (tests, pipes) writes nothing."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="mb", desc="train", dynamic_ncols=True,
+                            file=sys.stderr)
+        self.latest: dict[str, str] = {}
+
+    def adapter(self, name: str, loss: float, lr: float) -> None:
+        self.latest[name] = f"{loss:.3f}@{lr:.1e}"
+
+    def forget(self, name: str) -> None:
+        self.latest.pop(name, None)
+
+    def update(self, micro_batches: int, tokens_per_s: float, memory: float) -> None:
+        if self.bar is None:
+            return
+        shown = dict(list(self.latest.items())[:4])  # keep the line readable with many adapters
+        self.bar.set_postfix({**shown, "tok/s": f"{tokens_per_s:.0f}", "mem": f"{memory:.2f}G"}, refresh=False)
+        self.bar.update(micro_batches)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,610 @@
+"""Training many adapters over one frozen base: setup, the loop (`fit`), and `run_training`.
+
+One global step of `fit`:
+
+1. load waiting adapters until ``train_lora_candidate_num`` are active;
+2. the dispatcher picks up to ``train_lora_simultaneously_num`` of them; each contributes its
+   next micro-batch, laid out as contiguous rows of one padded batch;
+3. one forward of the shared base over all rows (dropout seeded per global step);
+4. each adapter's loss: summed token cross-entropy over its own loss-carrying tokens divided
+   by the number of such tokens in its whole optimizer batch, plus the MixLoRA router loss.
+   So an adapter's loss never depends on its neighbours, and the micro-batches of one batch
+   add up to that batch's mean (batch 8 / micro 2 equals batch 8 / micro 8);
+5. one backward of the sum (fp16: each adapter's loss times its own loss scale);
+6. each adapter whose batch is complete clips and steps its own optimizer and scheduler; a
+   non-finite loss or gradient skips that step, three in a row stop that adapter;
+7. checkpoint when an adapter reaches a multiple of ``save_step`` or finishes; a finished
+   adapter is saved to ``output_dir/<name>/`` and unloaded.
+
+Ctrl-C finishes the current step and writes a resumable checkpoint; ``--resume`` continues
+from the latest checkpoint and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mlora.data import IGNORE_INDEX
+from mlora.io import load_adapter
+from mlora.model.adapted import MultiAdapterModel
+from mlora.model.loading import load_base_model, resolve_dtype
+from mlora.train import checkpoint as ckpt
+from mlora.train.data import (AdapterData, Position, Prepared, TrainError, adapter_seed, collate_mixed,
+                              micro_batches_per_epoch, read_examples, step_seed, tokenize)
+from mlora.train.dispatcher import Candidate, Dispatcher
+from mlora.train.metrics import MetricsLog, Progress, memory_gb, tensorboard_available
+from mlora.train.state import AdapterRun
+
+logger = logging.getLogger("mlora.train")
+
+MAX_NAN_STREAK = 3  # consecutive non-finite steps after which an adapter is stopped
+
+
+@dataclass
+class TrainOptions:
+    """How to run a config (the command-line flags of ``launch.py run`` / ``train.py``).
+
+    Attributes:
+        base_model: hub id, local model folder or ``.gguf`` file.
+        dtype: ``fp32`` | ``bf16`` | ``fp16`` for the frozen base; None: bf16 on a CUDA
+            device that supports it, else fp32. Adapters and optimizer state are always fp32.
+        quantize: None | ``4bit`` | ``8bit`` (bitsandbytes).
+        stop_after_steps: stop after this many global steps as if interrupted (checkpoint
+            written); for time-boxed runs and tests.
+        progress: show the tqdm bar.
+    """
+
+    base_model: str
+    output_dir: Path = Path("output")
+    dtype: str | None = None
+    quantize: str | None = None
+    device: str | None = None
+    seed: int = 42
+    resume: bool = False
+    overwrite: bool = False
+    gradient_checkpointing: bool = False
+    attn_impl: str | None = None
+    progress: bool = True
+    stop_after_steps: int | None = None
+
+    def __post_init__(self):
+        self.output_dir = Path(self.output_dir)
+
+    @classmethod
+    def from_args(cls, args) -> "TrainOptions":
+        """From an argparse namespace carrying the run flags (unknown attributes ignored)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+
+
+@dataclass
+class AdapterSummary:
+    """How one adapter's training ended.
+
+    ``status``: ``finished`` (saved in `folder`), ``done-before`` (found finished on resume),
+    ``failed`` (stopped; `message` says why), ``interrupted`` (state in the checkpoint),
+    ``waiting`` (interrupted before it started).
+    """
+
+    name: str
+    status: str
+    folder: Path | None = None
+    steps: int = 0
+    final_loss: float | None = None
+    metrics: Path | None = None
+    message: str = ""
+
+
+@dataclass
+class TrainSummary:
+    """What `run_training` did and where it put everything.
+
+    `model` is the base model (adapters unloaded) and `tokenizer` its tokenizer, so that
+    evaluation can reuse them instead of loading the base again.
+    """
+
+    output_dir: Path
+    adapters: dict[str, AdapterSummary]
+    interrupted: bool
+    checkpoint: Path | None
+    global_steps: int
+    seconds: float
+    model: MultiAdapterModel | None = field(default=None, repr=False)
+    tokenizer: object = field(default=None, repr=False)
+
+    def lines(self) -> list[str]:
+        """A human-readable account, one line per item."""
+        out = []
+        for a in self.adapters.values():
+            where = f" -> {a.folder}" if a.folder else ""
+            loss = f", final loss {a.final_loss:.4f}" if a.final_loss is not None else ""
+            note = f" ({a.message})" if a.message else ""
+            out.append(f"{a.name}: {a.status}, {a.steps} steps{loss}{where}{note}")
+            if a.metrics:
+                out.append(f"  metrics: {a.metrics}")
+        if self.checkpoint is not None:
+            out.append(f"checkpoint: {self.checkpoint} (continue with --resume)")
+        out.append(f"{self.global_steps} training steps in {self.seconds:.1f} s; output in {self.output_dir}")
+        return out
+
+
+@dataclass
+class Run:
+    """Everything `fit` works on: the model, the config, and the state of every adapter."""
+
+    config: object
+    options: TrainOptions
+    model: MultiAdapterModel
+    device: torch.device
+    fp16: bool
+    pad_id: int
+    seed: int
+    run_id: str
+    prepared: dict[str, Prepared]
+    dispatcher: Dispatcher
+    restore_from: Path | None
+    restore_names: set[str]
+    active: dict[str, AdapterRun] = field(default_factory=dict)
+    finished: dict[str, AdapterSummary] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    last_checkpoint: Path | None = None
+
+    def cfg(self, name: str):
+        return next(a for a in self.config.lora if a.name == name)
+
+
+# ======================================================================= the training loop
+def fit(run: Run, progress: Progress) -> bool:
+    """Train until every adapter is done or a stop is requested (Ctrl-C, ``stop_after_steps``).
+
+    Returns True when stopped early (a resumable checkpoint has been written).
+    """
+    config, options = run.config, run.options
+    with _interrupt_guard() as interrupt:
+        while True:
+            run.dispatcher.to_load(config.train_lora_candidate_num)
+            for name in run.dispatcher.active:  # newly loaded, or restored from the checkpoint
+                if name not in run.active:
+                    run.active[name] = activate(run, name)
+            if not run.active:
+                return False
+            if interrupt.requested or (options.stop_after_steps is not None
+                                       and run.dispatcher.step >= options.stop_after_steps):
+                save_checkpoint(run)
+                return True
+
+            tic = time.perf_counter()
+            candidates = []
+            for name in run.dispatcher.active:
+                examples = run.active[name].next_examples()
+                candidates.append(Candidate(name, len(examples), max(len(e.input_ids) for e in examples)))
+            chosen = run.dispatcher.choose(candidates, config.train_lora_simultaneously_num, config.train_strategy)
+            batch = collate_mixed([(n, run.active[n].next_examples(), run.active[n].cfg.expand_side) for n in chosen],
+                                  run.pad_id)
+            labels = batch.labels.to(run.device)
+
+            torch.manual_seed(step_seed(run.seed, run.dispatcher.step))  # dropout masks, reproducible on resume
+            out = run.model(batch.input_ids.to(run.device), batch.attention_mask.to(run.device), batch.layout)
+            total = None
+            for seg in batch.layout.segments:
+                ar = run.active[seg.name]
+                rows = slice(seg.start, seg.end)
+                ar.acc_tokens += int(batch.attention_mask[rows].sum())
+                if ar.acc_bad:
+                    continue  # this batch's step is skipped anyway
+                loss, aux = adapter_loss(ar, out.logits[rows], labels[rows], out.router_logits.get(seg.name),
+                                         seg.end - seg.start)
+                if not bool(torch.isfinite(loss + aux)):
+                    ar.acc_bad = True  # left out of the backward; its step will be skipped
+                    continue
+                ar.acc_loss += loss.item()
+                ar.acc_aux += aux.item()
+                term = (loss + aux) * ar.scaler.scale
+                total = term if total is None else total + term
+            if total is not None and total.requires_grad:
+                total.backward()
+            del out, total
+
+            checkpoint_due = False
+            for name in chosen:
+                ar = run.active[name]
+                epoch = ar.position.epoch
+                ar.position, batch_done = ar.data.advance(ar.position)
+                if not batch_done:
+                    continue
+                optimizer_step(ar, epoch)
+                progress.adapter(name, ar.last_loss if ar.last_loss is not None else float("nan"), ar.lr())
+                checkpoint_due |= config.save_step > 0 and ar.step % config.save_step == 0
+                if ar.nan_streak >= MAX_NAN_STREAK:
+                    stop_adapter(run, ar, f"{MAX_NAN_STREAK} steps in a row had a non-finite loss or gradient "
+                                 f"(last at step {ar.step}); lower lr, check the data, or use fp32/bf16")
+                    progress.forget(name)
+                elif ar.data.finished(ar.position):
+                    finish_adapter(run, ar)
+                    progress.forget(name)
+                    # The queue changed: checkpoint so a resume rebuilds the same later batches.
+                    checkpoint_due |= config.save_step > 0
+            run.dispatcher.record(chosen)
+            elapsed = time.perf_counter() - tic
+            progress.update(len(chosen), batch.tokens / max(elapsed, 1e-9), memory_gb(run.device))
+            if checkpoint_due and (run.active or run.dispatcher.waiting):
+                save_checkpoint(run)
+
+
+def adapter_loss(ar: AdapterRun, logits: torch.Tensor, labels: torch.Tensor, router_entries, rows: int):
+    """One adapter's contribution from its rows of the batch.
+
+    Args:
+        logits: ``(b, T, V)`` this adapter's rows; labels: ``(b, T)``, -100 where no loss.
+        router_entries: this adapter's MixLoRA router outputs (None for LoRA).
+        rows: b, this micro-batch's rows.
+    Returns:
+        ``(loss, aux)`` fp32 scalars: the cross-entropy summed over the rows' target tokens
+        divided by the target tokens of the whole optimizer batch, and the router loss
+        weighted by the micro-batch's share of the batch's rows.
+    """
+    vocab = logits.shape[-1]
+    # Position t predicts token t + 1; padding and prompt tokens carry -100.
+    token_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = token_loss / max(ar.data.batch_targets(ar.position), 1)
+    aux = torch.zeros((), device=loss.device)
+    if getattr(ar.cfg, "is_moe", False) and getattr(ar.cfg, "router_loss", False) and router_entries:
+        from mlora.model import mixlora
+
+        share = rows / len(ar.data.batch_indices(ar.position))
+        aux = mixlora.router_aux_loss(ar.cfg, router_entries).float() * share
+    return loss, aux
+
+
+def optimizer_step(ar: AdapterRun, epoch: int) -> None:
+    """Close the adapter's optimizer batch: step (or skip) its optimizer, advance its schedule, log."""
+    params = list(ar.params.values())
+    record = {"step": ar.step + 1, "epoch": epoch, "loss": ar.acc_loss, "aux_loss": ar.acc_aux, "lr": ar.lr(),
+              "grad_norm": None, "tokens": ar.acc_tokens}
+    skipped = None
+    if ar.acc_bad:
+        skipped = "nan_loss"
+    elif not ar.scaler.unscale_and_check(params):
+        skipped = "fp16_overflow"  # ordinary for loss scaling: back off, not a fault
+        ar.scaler.update(False)
+    else:
+        max_norm = ar.cfg.max_grad_norm if ar.cfg.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        record["grad_norm"] = grad_norm
+        if not math.isfinite(grad_norm):
+            skipped = "nan_grad"
+        else:
+            ar.optimizer.step()
+            ar.scaler.update(True)
+    ar.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        # A skipped step still advances the schedule (it follows the data); torch warns about that.
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*optimizer.step", category=UserWarning)
+        ar.scheduler.step()
+    ar.step += 1
+    now = time.perf_counter()
+    record["seconds"] = round(now - ar.clock, 6)
+    ar.clock = now
+    if skipped in ("nan_loss", "nan_grad"):
+        ar.nan_streak += 1
+        logger.warning("%s: step %d skipped: non-finite %s (%d in a row)", ar.name, ar.step,
+                       "loss" if skipped == "nan_loss" else "gradient", ar.nan_streak)
+    elif skipped is None:
+        ar.nan_streak = 0
+        ar.last_loss = ar.acc_loss
+    if skipped:
+        ar.metrics.event(ar.step, skipped, loss=ar.acc_loss, streak=ar.nan_streak, loss_scale=ar.scaler.scale)
+    else:
+        ar.metrics.step(record)
+    ar.reset_accumulation()
+
+
+# ================================================================ adapters in and out
+def activate(run: Run, name: str) -> AdapterRun:
+    """Add adapter `name` to the model and build its training state (fresh or from the checkpoint)."""
+    cfg = run.cfg(name)
+    seed = adapter_seed(run.seed, name)
+    restoring = name in run.restore_names
+    if restoring:
+        load_adapter(run.model, run.restore_from / name, cfg)
+    else:
+        run.model.add_adapter(cfg, seed=seed)
+    params = run.model.adapter_parameters(name)
+    metrics = MetricsLog(name, run.options.output_dir / "logs", _tensorboard_dir(run.options.output_dir),
+                         keep_until=None)
+    ar = AdapterRun.create(cfg, seed, run.prepared[name], params, run.fp16, metrics)
+    if restoring:
+        ar.load_state_dict(ckpt.read_trainer_state(run.restore_from, name))
+        ar.metrics.close()
+        ar.metrics = MetricsLog(name, run.options.output_dir / "logs", _tensorboard_dir(run.options.output_dir),
+                                keep_until=ar.step)
+        run.restore_names.discard(name)
+    logger.info("%s: training %d examples, %d optimizer steps (%s)%s", name, len(ar.data.examples),
+                ar.data.total_steps, cfg.task_name, f", resumed at step {ar.step}" if restoring else "")
+    return ar
+
+
+def finish_adapter(run: Run, ar: AdapterRun) -> None:
+    """Save a finished adapter to ``output_dir/<name>/`` and unload it."""
+    info = {"run_id": run.run_id, "base_model": run.options.base_model, "seed": run.seed, "steps": ar.step,
+            "epochs": ar.cfg.num_epochs, "examples": len(ar.data.examples),
+            "truncated": ar.prepared.num_truncated, "final_loss": ar.last_loss}
+    folder = ckpt.write_final_adapter(run.options.output_dir, run.model, ar.name, run.options.base_model, info)
+    logger.info("%s: finished after %d steps (last loss %s); saved to %s", ar.name, ar.step,
+                "n/a" if ar.last_loss is None else f"{ar.last_loss:.4f}", folder)
+    run.finished[ar.name] = AdapterSummary(ar.name, "finished", folder, ar.step, ar.last_loss, ar.metrics.path)
+    _unload(run, ar)
+
+
+def stop_adapter(run: Run, ar: AdapterRun, message: str) -> None:
+    """Stop a failing adapter (not saved as finished); the others go on."""
+    logger.error("%s: stopped: %s", ar.name, message)
+    ar.metrics.event(ar.step, "stopped", message=message)
+    run.failed[ar.name] = message
+    _unload(run, ar)
+
+
+def _unload(run: Run, ar: AdapterRun) -> None:
+    ar.metrics.close()
+    run.model.remove_adapter(ar.name)
+    run.dispatcher.retire(ar.name)
+    del run.active[ar.name]
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Snapshot every active adapter and the queue at the current global step."""
+    state = {"format": 1, "run_id": run.run_id, "seed": run.seed, "global_step": run.dispatcher.step,
+             "base_model": run.options.base_model, "dispatcher": run.dispatcher.state_dict(),
+             "finished": sorted(run.finished), "failed": dict(run.failed)}
+    states = {name: ar.state_dict() for name, ar in run.active.items()}
+    path = ckpt.write_checkpoint(run.options.output_dir, run.dispatcher.step, state, run.model, states,
+                                 run.options.base_model)
+    run.last_checkpoint = path
+    logger.info("checkpoint: %s", path)
+    return path
+
+
+def _tensorboard_dir(output_dir: Path) -> Path | None:
+    return output_dir / "tensorboard" if tensorboard_available() else None
+
+
+@contextlib.contextmanager
+def _interrupt_guard():
+    """First Ctrl-C: finish the step and checkpoint (``requested``); a second one aborts."""
+
+    class Flag:
+        requested = False
+
+    flag = Flag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only be installed from the main thread
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        logger.warning("interrupted: finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ================================================================================ setup
+def plan_output(config, options: TrainOptions) -> Path | None:
+    """Check ``output_dir`` against the flags; returns the checkpoint to resume from (or None).
+
+    Raises `TrainError` when finished adapters or an unfinished run would be overwritten
+    without ``--overwrite``.
+    """
+    out = options.output_dir
+    if options.resume and options.overwrite:
+        raise TrainError("give --resume (continue the run in --output_dir) or --overwrite (start over), not both")
+    latest = ckpt.latest_checkpoint(out)
+    if options.resume:
+        return latest
+    if options.overwrite:
+        return None
+    if latest is not None:
+        raise TrainError(f"{out} holds a checkpoint of an unfinished run ({latest}); pass --resume to continue it, "
+                         "--overwrite to start over, or choose another --output_dir")
+    taken = [a.name for a in config.lora if (out / a.name).exists()]
+    if taken:
+        raise TrainError(f"{out} already holds {', '.join(str(out / n) for n in taken)}; pass --overwrite to replace "
+                         "them, --resume to train only the adapters not finished yet, or choose another --output_dir")
+    return None
+
+
+def resolve_device_dtype(options: TrainOptions) -> tuple[torch.device, torch.dtype]:
+    """The device (default CUDA when available) and base dtype (default bf16 on CUDA, else fp32)."""
+    device = torch.device(options.device) if options.device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if options.dtype is not None:
+        return device, resolve_dtype(options.dtype)
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device, torch.bfloat16 if bf16_ok else torch.float32
+
+
+def check_adapters(model: MultiAdapterModel, cfgs: list, seed: int) -> None:
+    """Add and remove every adapter once, so a missing target module fails before training."""
+    for cfg in cfgs:
+        try:
+            model.add_adapter(cfg, seed=adapter_seed(seed, cfg.name))
+        except NotImplementedError as err:
+            raise TrainError(f"adapter {cfg.name!r}: {err}") from None
+        except KeyError as err:  # torch refuses module names that shadow nn.Module attributes
+            raise TrainError(f"adapter {cfg.name!r}: this name cannot be used ({err.args[0]}); rename the adapter") from None
+        model.remove_adapter(cfg.name)
+
+
+def _log_prepared(name: str, prepared: Prepared, cutoff_len: int) -> None:
+    logger.info("%s: %d examples, %d truncated to cutoff_len %d, %d dropped (no target token left)", name,
+                prepared.num_raw, prepared.num_truncated, cutoff_len, prepared.num_dropped)
+
+
+def run_training(config, options: TrainOptions) -> TrainSummary:
+    """Train every adapter of a `RunConfig`, save each to ``output_dir/<name>/``.
+
+    Problems found before training (existing outputs, missing or empty data, a base model
+    that cannot be loaded, a target module the model lacks) raise `TrainError`,
+    `mlora.data.DataError`, `ModelLoadError` or `AdapterError` before any step runs.
+
+    Returns:
+        A `TrainSummary`; ``interrupted`` is True when stopped early with a checkpoint.
+    """
+    start = time.perf_counter()
+    out = options.output_dir
+    resume_from = plan_output(config, options)
+    state = ckpt.read_run_state(resume_from) if resume_from is not None else None
+    seed = state["seed"] if state else options.seed
+    if state and state["seed"] != options.seed:
+        logger.warning("resuming with the run's seed %d (--seed %d ignored)", state["seed"], options.seed)
+    names = [a.name for a in config.lora]
+    restore = set(state["dispatcher"]["active"]) if state else set()
+    missing = sorted(restore - set(names))
+    if missing:
+        raise TrainError(f"the checkpoint {resume_from} trains adapter(s) {', '.join(missing)} that the config no "
+                         "longer lists; resume with the config the run was started with")
+    failed_before = dict(state["failed"]) if state else {}
+    done = {n for n in names if n not in restore and (out / n).exists() and options.resume}
+    done |= set(state["finished"]) - restore if state else set()
+    todo = [a for a in config.lora if a.name not in done and a.name not in failed_before]
+
+    raw = {a.name: read_examples(a, seed) for a in todo}  # data errors before the model loads
+    device, dtype = resolve_device_dtype(options)
+    with _hub_offline_unless_reachable(options.base_model):
+        hf_model, tokenizer = load_base_model(options.base_model, dtype=dtype, quantize=options.quantize,
+                                              device=device, attn_impl=options.attn_impl)
+    prepared = {}
+    for a in todo:
+        prepared[a.name] = tokenize(a, raw[a.name], tokenizer, config.cutoff_len)
+        _log_prepared(a.name, prepared[a.name], config.cutoff_len)
+    model = MultiAdapterModel(hf_model)
+    check_adapters(model, todo, seed)
+    if options.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+
+    if options.overwrite:
+        ckpt.remove_checkpoints(out)
+        for a in config.lora:
+            ckpt.remove_folder(out / a.name)
+    if state:
+        dispatcher = Dispatcher.from_state(state["dispatcher"])
+        known = set(dispatcher.active) | set(dispatcher.waiting)
+        dispatcher.waiting = [n for n in dispatcher.waiting if n in prepared]
+        dispatcher.waiting += [a.name for a in todo if a.name not in known]  # adapters added to the config
+        logger.info("resuming from %s (global step %d)", resume_from, dispatcher.step)
+    else:
+        if options.resume:
+            logger.info("no checkpoint in %s: starting from the beginning", out)
+        dispatcher = Dispatcher([a.name for a in todo])
+
+    run = Run(config, options, model, device, dtype == torch.float16, tokenizer.pad_token_id, seed,
+              state["run_id"] if state else uuid.uuid4().hex, prepared, dispatcher, resume_from, set(restore),
+              failed=failed_before)
+    total, initial = _progress_counts(run, todo, resume_from)
+    progress = Progress(total, initial, options.progress)
+    model.train()
+    interrupted = False
+    try:
+        with _fork_rng(device), _redirect_logging(options.progress):
+            interrupted = fit(run, progress)
+    finally:
+        progress.close()
+        for ar in run.active.values():
+            ar.metrics.close()
+        model.eval()
+    if not interrupted:
+        ckpt.remove_checkpoints(out)  # every adapter is done: the optimizer states are not needed
+
+    summaries: dict[str, AdapterSummary] = {}
+    for a in config.lora:
+        n = a.name
+        if n in run.finished:
+            summaries[n] = run.finished[n]
+        elif n in run.failed:
+            summaries[n] = AdapterSummary(n, "failed", metrics=out / "logs" / f"{n}.jsonl", message=run.failed[n])
+        elif n in run.active:
+            ar = run.active[n]
+            summaries[n] = AdapterSummary(n, "interrupted", steps=ar.step, final_loss=ar.last_loss,
+                                          metrics=ar.metrics.path)
+        elif n in done:
+            info = ckpt.read_training_info(out / n)
+            summaries[n] = AdapterSummary(n, "done-before", out / n, info.get("steps", 0), info.get("final_loss"))
+        else:
+            summaries[n] = AdapterSummary(n, "waiting")
+    for ar_name in list(run.active):
+        run.model.remove_adapter(ar_name)
+    return TrainSummary(out, summaries, interrupted, run.last_checkpoint if interrupted else None,
+                        run.dispatcher.step, time.perf_counter() - start, model, tokenizer)
+
+
+def _progress_counts(run: Run, todo: list, resume_from: Path | None) -> tuple[int, int]:
+    """(total, already done) micro-batches over the adapters this run trains, for the bar."""
+    total = initial = 0
+    for a in todo:
+        n = len(run.prepared[a.name].examples)
+        total += a.num_epochs * micro_batches_per_epoch(n, a.batch_size, a.micro_batch_size)
+        if a.name in run.restore_names:
+            data = AdapterData(run.prepared[a.name].examples, batch_size=a.batch_size,
+                               micro_batch_size=a.micro_batch_size, num_epochs=a.num_epochs,
+                               group_by_length=False, seed=0)
+            position = Position(**ckpt.read_trainer_state(resume_from, a.name)["position"])
+            initial += data.micro_batches_done(position)
+    return total, initial
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(base_model: str):
+    """Hold the hub client offline while loading a non-local base model when the Hub cannot be
+    reached: a cached copy still loads, a missing one fails at once instead of retrying for minutes."""
+    from mlora.data.sources import hub_reachable, offline_requested
+
+    if Path(base_model).exists() or offline_requested() or hub_reachable():
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def _fork_rng(device: torch.device):
+    """Per-step seeding must not leak into the caller's global RNG."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
+def _redirect_logging(enabled: bool):
+    if not enabled:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # log lines go above the bar instead of through it
+        yield
