@@ -1,0 +1,1 @@
+"""Benchmarks: training throughput, memory and FLOP utilisation, side by side with peft."""

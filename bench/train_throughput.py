@@ -1,0 +1,297 @@
+"""Training throughput of our LoRA / MixLoRA engine next to plain peft, on one model shape.
+
+    python bench/train_throughput.py                       # medium shape, fp32 and bf16
+    python bench/train_throughput.py --shape smollm2 --dtypes bf16 --only lora,mixlora
+    python bench/train_throughput.py --only lora,mixlora --profile bench-profiles
+
+Every configuration (see `bench/workload.py`) runs in a fresh Python process so that peak
+memory figures do not mix; `--no-isolate` runs them all in this process instead (faster,
+used by the smoke test; memory figures then share one process). Before them, a separate
+process measures the machine's matmul peak for each dtype, the denominator of MFU.
+
+"Same total batch": `lora-kK` trains K adapters with micro-batch/K rows each in one
+forward, `lora` (K = 1) one adapter with all micro-batch rows; both see micro-batch x seq
+tokens per step, so their tokens/s compare directly.
+
+This file parses flags, runs the jobs and reports (a table on screen, JSON with `--json`);
+it imports no torch itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ("peft", "lora", "lora-k2", "lora-k4", "mixlora", "mixlora-ref")
+SHAPE_NAMES = ("tiny", "medium", "smollm2", "llama7b-2l")
+TARGET_NOTE = "targets are stated for the medium shape, seq 256, micro-batch 4, fp32"
+
+
+# ----------------------------------------------------------------------------- flags
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", choices=SHAPE_NAMES, default="medium", help="Random-weight Llama shape.")
+    p.add_argument("--dtypes", default="fp32,bf16",
+                   help="Comma-separated: fp32, bf16 (bf16 base weights, fp32 adapters, no autocast).")
+    p.add_argument("--only", default=",".join(CONFIGS),
+                   help=f"Comma-separated configurations: {', '.join(CONFIGS)} (any lora-kK works).")
+    p.add_argument("--seq", type=int, default=256, help="Sequence length.")
+    p.add_argument("--micro-batch", type=int, default=4, help="Rows per step (split over K adapters).")
+    p.add_argument("--steps", type=int, default=6, help="Timed steps (the median counts).")
+    p.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N.")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads.")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (ours and peft).")
+    p.add_argument("--grad-ckpt", action="store_true", help="Gradient checkpointing (ours and peft).")
+    p.add_argument("--peak-sizes", default="1024,2048,4096", help="Square matmul sizes for the peak.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="Write all results as JSON here.")
+    p.add_argument("--profile", metavar="DIR", nargs="?", const="bench-profiles",
+                   help="After timing, profile 2 steps per configuration; write op tables to DIR.")
+    p.add_argument("--no-isolate", action="store_true", help="Run every configuration in this process.")
+    args = p.parse_args(argv)
+
+    problems = []
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    problems += [f"--dtypes: unknown dtype {d!r} (fp32, bf16)" for d in args.dtypes if d not in ("fp32", "bf16")]
+    args.only = [c.strip() for c in args.only.split(",") if c.strip()]
+    problems += [f"--only: unknown configuration {c!r} (valid: {', '.join(CONFIGS)}, lora-kK)"
+                 for c in args.only if c not in CONFIGS and not re.fullmatch(r"lora-k[1-9][0-9]*", c)]
+    for flag in ("seq", "micro_batch", "steps", "threads"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        problems.append("--warmup must be 0 or more")
+    try:
+        args.peak_sizes = [int(s) for s in args.peak_sizes.split(",")]
+    except ValueError:
+        problems.append(f"--peak-sizes: expected comma-separated integers, got {args.peak_sizes!r}")
+    if not args.dtypes or not args.only:
+        problems.append("--dtypes and --only need at least one entry each")
+    if problems:
+        p.error("; ".join(problems))
+    return args
+
+
+# ----------------------------------------------------------------------------- running jobs
+def run_worker(job: dict, isolate: bool) -> dict:
+    """Run one job in a fresh process (or here); a failure comes back as ``status: error``."""
+    if not isolate:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from bench import workload
+
+        try:
+            return workload.main_inline(job)
+        except Exception as err:  # a failed configuration must not hide the others
+            return {**_job_keys(job), "status": "error", "reason": f"{type(err).__name__}: {err}"}
+    with tempfile.TemporaryDirectory(prefix="mlora-bench-") as tmp:
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job_path.write_text(json.dumps(job))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        proc = subprocess.run([sys.executable, "-m", "bench.workload", str(job_path), str(out_path)],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out_path.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            reason = f"worker exited with status {proc.returncode}: " + " | ".join(tail)
+            return {**_job_keys(job), "status": "error", "reason": reason}
+        return json.loads(out_path.read_text())
+
+
+def _job_keys(job: dict) -> dict:
+    return {k: job[k] for k in ("config", "shape", "dtype") if k in job}
+
+
+def machine_info(device: str, threads: int) -> dict:
+    cpu = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "flags") and key not in cpu:
+                    cpu[key] = value.strip()
+    except OSError:
+        pass
+    flags = set(cpu.pop("flags", "").split())
+    versions = {}
+    for package in ("torch", "transformers", "peft"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
+        "cpu_family_model": f"{cpu.get('cpu family', '?')}/{cpu.get('model', '?')}",
+        "cpu_features": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "device": device,
+        "python": platform.python_version(),
+        **versions,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+def _find(results, config, dtype):
+    for r in results:
+        if r.get("config") == config and r.get("dtype") == dtype and r.get("status") == "ok":
+            return r
+    return None
+
+
+def add_derived(results: list[dict], peaks: dict) -> None:
+    """MFU against the measured matmul peak, and ratios against peft / K=1 of the same dtype."""
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        peak = peaks.get(r["dtype"])
+        r["mfu"] = r["achieved_gflops"] / peak if peak else None
+        peft = _find(results, "peft", r["dtype"])
+        r["tokens_vs_peft"] = r["tokens_per_s"] / peft["tokens_per_s"] if peft else None
+
+
+def _ratio(a, b, key):
+    return a[key] / b[key] if a and b else None
+
+
+def evaluate_targets(results: list[dict], dtypes: list[str]) -> list[dict]:
+    """The issue's targets, each PASS / FAIL on the measured figures (n/a when not measured)."""
+    rows = []
+
+    def add(name, dtype, value, goal, at_least):
+        status = "n/a" if value is None else ("PASS" if (value >= goal if at_least else value <= goal) else "FAIL")
+        rows.append({"target": name, "dtype": dtype, "value": value,
+                     "goal": f"{'>=' if at_least else '<='} {goal}", "status": status})
+
+    for d in dtypes:
+        lora, mix = _find(results, "lora", d), _find(results, "mixlora", d)
+        add("our LoRA tokens/s / peft tokens/s", d, _ratio(lora, _find(results, "peft", d), "tokens_per_s"), 1.0, True)
+        add("MixLoRA step time / LoRA step time", d, _ratio(mix, lora, "step_time_s"), 1.2, False)
+        add("MixLoRA peak memory / LoRA peak memory", d, _ratio(mix, lora, "peak_mem_mb"), 1.15, False)
+        add("K=4 tokens/s / K=1 tokens/s (same total batch)", d,
+            _ratio(_find(results, "lora-k4", d), lora, "tokens_per_s"), 0.95, True)
+        add("LoRA MFU (vs measured matmul peak)", d, lora.get("mfu") if lora else None, 0.60, True)
+    if "fp32" in dtypes and "bf16" in dtypes:
+        add("bf16 LoRA tokens/s / fp32 LoRA tokens/s", "both",
+            _ratio(_find(results, "lora", "bf16"), _find(results, "lora", "fp32"), "tokens_per_s"), 1.5, True)
+    return rows
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def format_report(report: dict) -> str:
+    s = report["settings"]
+    m = report["machine"]
+    lines = [f"shape={s['shape']} seq={s['seq']} micro-batch={s['micro_batch']} steps={s['steps']} "
+             f"warmup={s['warmup']} device={s['device']} threads={s['threads']} "
+             f"grad_ckpt={s['grad_ckpt']} lora_dropout={s['lora_dropout']}",
+             f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['torch']}, "
+             f"transformers {m['transformers']}, peft {m['peft']}; load average before/after: "
+             f"{report['load_before']} / {report['load_after']}",
+             "matmul peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in report["matmul_peak_gflops"].items()),
+             ""]
+    header = ("config", "dtype", "K", "rows/K", "step s", "tokens/s", "vs peft", "peak MB", "MB before",
+              "GFLOP/s", "MFU")
+    table = [header]
+    for r in report["results"]:
+        if r.get("status") != "ok":
+            table.append((r.get("config", "?"), r.get("dtype", "?"), "", "", r.get("status", "?").upper(),
+                          r.get("reason", "")[:80], "", "", "", "", ""))
+            continue
+        table.append((r["config"], r["dtype"], str(r["adapters"]), str(r["rows_per_adapter"]),
+                      _fmt(r["step_time_s"], ".3f"), _fmt(r["tokens_per_s"], ".0f"),
+                      _fmt(r["tokens_vs_peft"], ".2f"), _fmt(r["peak_mem_mb"], ".0f"),
+                      _fmt(r["mem_before_steps_mb"], ".0f"), _fmt(r["achieved_gflops"], ".1f"),
+                      "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"))
+    lines += _columns(table)
+    lines += ["", f"targets ({TARGET_NOTE}):"]
+    targets = [("target", "dtype", "measured", "goal", "status")]
+    targets += [(t["target"], t["dtype"], _fmt(t["value"], ".3f"), t["goal"], t["status"]) for t in report["targets"]]
+    lines += _columns(targets)
+    return "\n".join(lines)
+
+
+def _columns(rows) -> list[str]:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    isolate = not args.no_isolate
+    profile_dir = str(Path(args.profile).resolve()) if args.profile else None
+    common = dict(shape=args.shape, seq=args.seq, micro_batch=args.micro_batch, steps=args.steps,
+                  warmup=args.warmup, device=args.device, threads=args.threads, grad_ckpt=args.grad_ckpt,
+                  lora_dropout=args.lora_dropout, seed=args.seed, profile_dir=profile_dir)
+    load_before = _load()
+    started = time.perf_counter()
+
+    print(f"measuring the matmul peak ({', '.join(args.dtypes)}) ...", flush=True)
+    peak = run_worker({"kind": "peak", "dtypes": args.dtypes, "sizes": args.peak_sizes,
+                       "device": args.device, "threads": args.threads}, isolate)
+    peaks = {p["dtype"]: p["gflops"] for p in peak.get("peaks", [])}
+    if not peaks:
+        print(f"matmul peak failed: {peak.get('reason')}", file=sys.stderr)
+
+    jobs = [dict(common, kind="train", config=c, dtype=d) for d in args.dtypes for c in args.only]
+    results = []
+    for i, job in enumerate(jobs, 1):
+        r = run_worker(job, isolate)
+        results.append(r)
+        summary = (f"{r['tokens_per_s']:.0f} tokens/s, step {r['step_time_s']:.3f} s, peak {r['peak_mem_mb']:.0f} MB"
+                   if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason')}")
+        print(f"[{i}/{len(jobs)}] {job['dtype']} {job['config']}: {summary}", flush=True)
+
+    add_derived(results, peaks)
+    report = {
+        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "no_isolate")},
+        "isolated_processes": isolate,
+        "machine": machine_info(args.device, args.threads),
+        "load_before": load_before,
+        "load_after": _load(),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "matmul_peak_gflops": peaks,
+        "matmul_peak_detail": peak.get("peaks", []),
+        "results": results,
+        "targets": evaluate_targets(results, args.dtypes),
+        "target_note": TARGET_NOTE,
+    }
+    print()
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+    if args.profile:
+        print(f"profiles: {profile_dir}")
+    return 0 if all(r.get("status") in ("ok", "skipped") for r in results) and peaks else 1
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
