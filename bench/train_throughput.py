@@ -203,8 +203,13 @@ def format_report(report: dict) -> str:
              f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['torch']}, "
              f"transformers {m['transformers']}, peft {m['peft']}; load average before/after: "
              f"{report['load_before']} / {report['load_after']}",
-             "matmul peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in report["matmul_peak_gflops"].items()),
-             ""]
+             "matmul peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in report["matmul_peak_gflops"].items())]
+    other = report.get("other_cpu_share")
+    if other is not None:
+        lines.append(f"other processes used {100 * other:.0f}% of the CPUs during the run")
+        if other > 0.10 and s["device"] == "cpu":
+            lines.append("WARNING: other processes shared the CPU; timings are unreliable (rerun on a quiet machine)")
+    lines.append("")
     header = ("config", "dtype", "K", "rows/K", "step s", "tokens/s", "vs peft", "peak MB", "MB before",
               "GFLOP/s", "MFU")
     table = [header]
@@ -243,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                   warmup=args.warmup, device=args.device, threads=args.threads, grad_ckpt=args.grad_ckpt,
                   lora_dropout=args.lora_dropout, seed=args.seed, profile_dir=profile_dir)
     load_before = _load()
+    cpu_before = _cpu_seconds()
     started = time.perf_counter()
 
     print(f"measuring the matmul peak ({', '.join(args.dtypes)}) ...", flush=True)
@@ -270,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": load_before,
         "load_after": _load(),
         "wall_s": round(time.perf_counter() - started, 1),
+        "other_cpu_share": _other_cpu_share(cpu_before, _cpu_seconds(), time.perf_counter() - started),
         "matmul_peak_gflops": peaks,
         "matmul_peak_detail": peak.get("peaks", []),
         "results": results,
@@ -284,6 +291,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         print(f"profiles: {profile_dir}")
     return 0 if all(r.get("status") in ("ok", "skipped") for r in results) and peaks else 1
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds busy on the whole machine, CPU seconds of this process and its workers)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy.
+    busy = sum(fields[:3]) + sum(fields[5:8])
+    t = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
+
+
+def _other_cpu_share(before, after, wall: float) -> float | None:
+    """Fraction of all CPUs that other processes (or the hypervisor) kept busy during the run."""
+    if before is None or after is None or wall <= 0:
+        return None
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    return round(max(other, 0.0) / (wall * (os.cpu_count() or 1)), 3)
 
 
 def _load() -> list[float] | None:

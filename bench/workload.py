@@ -339,6 +339,7 @@ def run_job(job: dict) -> dict:
     result.update(
         status="ok",
         step_time_s=step,
+        step_time_min_s=min(times),
         step_times_s=times,
         tokens_per_s=tokens / step,
         peak_mem_mb=peak,
