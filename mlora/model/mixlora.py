@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from mlora.kernels.expert_ffn import ExpertLoraWeights, expert_ffn
 from mlora.model.context import AdapterContext
 from mlora.model.lora import LoraLinear
 from mlora.model.quant import dense_weight, linear_features
@@ -268,6 +269,27 @@ class MixLoraMoe(nn.Module):
         order = torch.argsort(r.expert, stable=True)
         token, expert, weight = r.token[order], r.expert[order], r.weight[order, None]
         counts = torch.bincount(expert, minlength=self.cfg.num_experts).tolist()
+        down = _base(mlp.down_proj)
+        if not any(ex.use_dora for ex in self.experts.values()):
+            # The common case: one memory-lean autograd function (recomputes in backward).
+            lora = {p: ExpertLoraWeights(ex.lora_A, ex.lora_B, ex.scaling, ex.dropout)
+                    for p, ex in self.experts.items()}
+            mixed, extra = expert_ffn(x, g, u, token, weight[:, 0], counts, self.act_fn, lora.get("gate_proj"),
+                                      lora.get("up_proj"), lora.get("down_proj"), self.training)
+        else:
+            mixed, extra = self._dora_pairs(x, g, u, token, expert, weight, counts, mlp)
+        if r.dropped is not None and bool(r.dropped.any()):
+            # Switch overflow (and padding): the frozen FFN, untouched by experts.
+            idx = r.dropped.nonzero().squeeze(1)
+            base_act = (mlp.act_fn(g[idx]) * u[idx]).float()
+            if self.dora_down:
+                extra = extra.index_add(0, idx, down(base_act.to(g.dtype)).float())
+            else:
+                mixed = mixed.index_add(0, idx, base_act)
+        return mixed, extra, logits
+
+    def _dora_pairs(self, x, g, u, token, expert, weight, counts, mlp):
+        """MixDoRA experts through plain autograd: ``(mixed (N, I), extra (N, H))`` fp32."""
         xs = x[token].float()
         gs = self._grouped("gate_proj", xs, g[token].float(), counts, expert, mlp)
         us = self._grouped("up_proj", xs, u[token].float(), counts, expert, mlp)
@@ -284,15 +306,7 @@ class MixLoraMoe(nn.Module):
             if "down_proj" in self.experts:
                 lora = self._grouped("down_proj", act, act.new_zeros(act.shape[0], x.shape[1]), counts, expert, mlp)
                 extra = extra.index_add(0, token, weight * lora)
-        if r.dropped is not None and bool(r.dropped.any()):
-            # Switch overflow (and padding): the frozen FFN, untouched by experts.
-            idx = r.dropped.nonzero().squeeze(1)
-            base_act = (mlp.act_fn(g[idx]) * u[idx]).float()
-            if self.dora_down:
-                extra = extra.index_add(0, idx, down(base_act.to(g.dtype)).float())
-            else:
-                mixed = mixed.index_add(0, idx, base_act)
-        return mixed, extra, logits
+        return mixed, extra
 
     def _grouped(self, proj, inp, frozen, counts, expert, mlp):
         """Frozen outputs of routed pairs plus their experts' LoRA/DoRA (unchanged if untargeted)."""
