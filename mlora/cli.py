@@ -1,4 +1,4 @@
-"""Command line of mlora: ``gen``, ``run`` and ``avail`` (launch.py) and ``train.py CONFIG``.
+"""Command line of mlora: ``gen``, ``run``, ``evaluate`` and ``avail`` (launch.py) and ``train.py CONFIG``.
 
 Each subcommand is one small function taking the parsed arguments and returning an exit status:
 0 done, 2 bad input (config problems, bad flags; no traceback), 3 valid but not runnable yet.
@@ -283,10 +283,50 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(line)
     if summary.interrupted:
         return EXIT_INTERRUPTED
-    # Evaluation of the trained adapters hooks in here (evaluation issue): the finished adapters
-    # are in summary.adapters[name].folder; summary.model / summary.tokenizer hold the base model.
     failed = [a.name for a in summary.adapters.values() if a.status == "failed"]
-    return EXIT_TRAIN_FAILED if failed else EXIT_OK
+    status = EXIT_TRAIN_FAILED if failed else EXIT_OK
+    from mlora.evaluate import EvaluationError, evaluate_trained
+
+    try:
+        evaluate_trained(summary, cfg, args.base_model)
+    except (EvaluationError, DataError, AdapterFileError) as err:
+        print(f"error: evaluation: {err}\nThe trained adapters are saved in {summary.output_dir}; once this is "
+              "fixed, score them with `python launch.py evaluate`.", file=sys.stderr)  # fmt: skip
+        return status or EXIT_BAD_INPUT
+    return status
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score saved adapters (or, with --adapter base, the bare base model) on their benchmark tasks,
+    print the table and save it as JSON and CSV into --output_dir."""
+    problems: Optional[ConfigError] = None
+    try:
+        cfg: Optional[RunConfig] = load_config(args.config)
+    except ConfigError as err:
+        problems, cfg = err, None
+    if problems is not None:
+        _print_config_error(problems)
+    if not args.base_model:
+        print("error: --base_model is required (a hub id, a local model folder or a .gguf file)", file=sys.stderr)
+    if problems is not None or not args.base_model:
+        return EXIT_BAD_INPUT
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be a positive number of items per task, got {args.limit}")
+
+    from mlora.data import DataError
+    from mlora.evaluate import EvaluationError, evaluate_saved, results_stem
+    from mlora.io import AdapterFileError
+    from mlora.model.adapted import AdapterError
+    from mlora.model.loading import ModelLoadError
+
+    try:
+        evaluate_saved(args.base_model, cfg, args.output_dir, adapters=[args.adapter] if args.adapter else None,
+                       protocol=args.protocol, limit=args.limit, dtype=args.dtype, quantize=args.quantize,
+                       device=args.device, stem=results_stem(args.adapter, args.protocol))  # fmt: skip
+    except (EvaluationError, DataError, ModelLoadError, AdapterError, AdapterFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------ parsers
@@ -321,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python launch.py gen --template mixlora --tasks 'arc-e;boolq' && "
         "python launch.py run --base_model meta-llama/Llama-2-7b-hf",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{gen,run,avail}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{gen,run,evaluate,avail}")
 
     gen = sub.add_parser("gen", help="write a run config from a template", description=cmd_gen.__doc__)
     gen.add_argument("--template", required=True, help="Template name (see `avail`) or a run-config .json path.")
@@ -350,6 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=DEFAULT_CONFIG, help=f"Run config file (default: {DEFAULT_CONFIG}).")
     _add_run_flags(run)
     run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("evaluate", help="score saved adapters on their benchmark tasks",
+                        description=cmd_evaluate.__doc__)  # fmt: skip
+    ev.add_argument("--config", default=DEFAULT_CONFIG,
+                    help=f"Run config the adapters were trained from (default: {DEFAULT_CONFIG}).")  # fmt: skip
+    ev.add_argument("--base_model", help="Base model: hub id, local model folder, or .gguf file (required).")
+    ev.add_argument("--protocol", choices=get_args(get_type_hints(LoraConfig)["protocol"]),
+                    help="Scoring protocol for every adapter (default: each adapter's own `protocol`).")  # fmt: skip
+    ev.add_argument("--adapter", metavar="NAME", help="Score only this adapter of the config; 'base' scores the bare "
+                    "base model on the tasks of the config's adapters (default: every adapter with a benchmark "
+                    "task).")  # fmt: skip
+    ev.add_argument("--limit", type=int, metavar="N", help="Score only the first N items of each task.")
+    ev.add_argument("--output_dir", default="./output", help="Where the adapters were saved (output_dir/<name>/) "
+                    "and where the results go (default: ./output).")  # fmt: skip
+    ev.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="Compute dtype of the base model "
+                    "(default: bf16 on a CUDA GPU that supports it, else fp32).")  # fmt: skip
+    ev.add_argument("--quantize", choices=["4bit", "8bit"], help="Load the base model quantized with bitsandbytes.")
+    ev.add_argument("--device", help="Device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu).")
+    ev.set_defaults(func=cmd_evaluate)
 
     avail = sub.add_parser("avail", help="list templates and tasks", description=cmd_avail.__doc__)
     avail.set_defaults(func=cmd_avail)

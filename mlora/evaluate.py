@@ -743,3 +743,16 @@ def evaluate_saved(base_model: str, run_config, output_dir, *, adapters: Sequenc
     model, tokenizer = load_base_model(base_model, dtype=dtype, quantize=quantize, device=device)
     return evaluate_run(MultiAdapterModel(model), tokenizer, run_config, output_dir, base_model,
                         adapters=adapters, protocol=protocol, limit=limit, stem=stem, progress=progress, echo=echo)
+
+
+def evaluate_trained(summary, run_config, base_model_name: str | None, echo=print) -> EvalResults | None:
+    """`launch.py run`, after training: score every adapter that finished (now or in an
+    earlier run) and has a benchmark task, on the model and tokenizer training used.
+
+    `summary` is the trainer's `TrainSummary`; returns None when nothing was scored.
+    """
+    done = [a.name for a in summary.adapters.values() if a.status in ("finished", "done-before")]
+    if not done or summary.model is None:
+        return None
+    return evaluate_run(summary.model, summary.tokenizer, run_config, summary.output_dir, base_model_name,
+                        adapters=done, require_tasks=False, echo=echo)
