@@ -5,12 +5,12 @@ Adapters move ``waiting -> active -> done``. At most ``train_lora_candidate_num`
 (config order) is loaded. Each step takes one micro-batch from each of up to
 ``train_lora_simultaneously_num`` active adapters:
 
-* ``train_strategy: none`` -- round robin: the adapters that have waited longest since they
-  last trained (ties: load order).
-* ``train_strategy: optim`` -- the adapter that has waited longest, plus the others whose next
+* ``train_strategy: none`` -- round robin: the first adapters of the turn order; those that
+  trained go to its back.
+* ``train_strategy: optim`` -- the adapter first in turn, plus the others whose next
   micro-batches pad least against it: a mixed batch is padded to its longest row, so adapters
-  with similar lengths waste less compute. Anchoring on the longest-waiting adapter keeps
-  every adapter training (no starvation).
+  with similar lengths waste less compute. Since the first in turn always trains and then goes
+  to the back, every adapter trains at least once every ``len(active)`` steps.
 
 Every decision is a pure function of the `Dispatcher` state and the adapters' next
 micro-batch sizes, so a resumed run makes the same choices as an uninterrupted one.
@@ -40,30 +40,32 @@ class Dispatcher:
 
     Attributes:
         waiting: adapters not loaded yet, in config order.
-        active: loaded adapters, in load order.
-        last_trained: adapter -> the step it last trained in (-1: never).
+        active: loaded adapters, in load order (the row order of a batch).
+        turn: the active adapters, longest waiting first.
         step: global training steps done so far.
     """
 
     waiting: list[str]
     active: list[str] = field(default_factory=list)
-    last_trained: dict[str, int] = field(default_factory=dict)
+    turn: list[str] = field(default_factory=list)
     step: int = 0
 
     def to_load(self, candidate_num: int) -> list[str]:
-        """Move waiting adapters to active until `candidate_num` are active; returns those moved."""
+        """Move waiting adapters to active until `candidate_num` are active; returns those moved.
+
+        A newly loaded adapter has waited since the run began: it goes to the front of the turn.
+        """
         moved = []
-        while self.waiting and len(self.active) < candidate_num:
-            name = self.waiting.pop(0)
-            self.active.append(name)
-            self.last_trained.setdefault(name, -1)
-            moved.append(name)
+        while self.waiting and len(self.active) + len(moved) < candidate_num:
+            moved.append(self.waiting.pop(0))
+        self.active += moved
+        self.turn = moved + self.turn
         return moved
 
     def retire(self, name: str) -> None:
         """An active adapter is done (finished or stopped)."""
         self.active.remove(name)
-        self.last_trained.pop(name, None)
+        self.turn.remove(name)
 
     def choose(self, candidates: list[Candidate], n: int, strategy: str) -> list[str]:
         """The adapters of the next step, in row order (load order).
@@ -77,27 +79,27 @@ class Dispatcher:
             return []
         n = min(n, len(candidates))
         load_order = {c.name: i for i, c in enumerate(candidates)}
-        by_wait = sorted(candidates, key=lambda c: (self.last_trained.get(c.name, -1), load_order[c.name]))
+        by_wait = sorted(candidates, key=lambda c: self.turn.index(c.name))
         if strategy == "none" or n == len(candidates):
             chosen = by_wait[:n]
         else:
-            anchor, others = by_wait[0], [c for c in candidates if c.name != anchor.name]
+            anchor = by_wait[0]
+            others = [c for c in candidates if c.name != anchor.name]
             chosen = [anchor, *_least_padding(anchor, others, n - 1)]
         return sorted((c.name for c in chosen), key=load_order.__getitem__)
 
     def record(self, names: list[str]) -> None:
-        """Mark `names` as trained in the current step and advance the step counter."""
-        for name in names:
-            self.last_trained[name] = self.step
+        """`names` trained in the current step: they go to the back of the turn; next step."""
+        self.turn = [n for n in self.turn if n not in names] + [n for n in self.turn if n in names]
         self.step += 1
 
     def state_dict(self) -> dict:
-        return {"waiting": list(self.waiting), "active": list(self.active),
-                "last_trained": dict(self.last_trained), "step": self.step}
+        return {"waiting": list(self.waiting), "active": list(self.active), "turn": list(self.turn),
+                "step": self.step}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Dispatcher":
-        return cls(list(state["waiting"]), list(state["active"]), dict(state["last_trained"]), int(state["step"]))
+    def from_state(cls, state: dict) -> Dispatcher:
+        return cls(list(state["waiting"]), list(state["active"]), list(state["turn"]), int(state["step"]))
 
 
 def padding_cost(chosen: list[Candidate]) -> int:

@@ -58,7 +58,7 @@ class AdapterRun:
 
     @classmethod
     def create(cls, cfg, seed: int, prepared: Prepared, params: dict[str, nn.Parameter],
-               fp16: bool, metrics: MetricsLog) -> "AdapterRun":
+               fp16: bool, metrics: MetricsLog) -> AdapterRun:
         """A fresh run for an adapter already added to the model (its `params`)."""
         data = AdapterData(prepared.examples, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
                            num_epochs=cfg.num_epochs, group_by_length=cfg.group_by_length, seed=seed)

@@ -42,16 +42,15 @@ def write_pairs(folder: Path, pairs=PAIRS, name: str = "pairs.json") -> str:
 
 def adapter(name: str, data: str, **overrides) -> dict:
     """A small LoRA adapter dict on instruction data (dropout 0: deterministic)."""
-    a = dict(name=name, task_name="casual", data=data, lr=1e-2, batch_size=4, micro_batch_size=2, num_epochs=2,
-             r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
-    a.update(overrides)
-    return a
+    a = {"name": name, "task_name": "casual", "data": data, "lr": 1e-2, "batch_size": 4, "micro_batch_size": 2,
+         "num_epochs": 2, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+         "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
+    return {**a, **overrides}
 
 
 def run_config(adapters: list[dict], **run_level):
-    settings = dict(cutoff_len=64, save_step=0, train_lora_candidate_num=2, train_lora_simultaneously_num=2)
-    settings.update(run_level)
-    return config_from_dict({**settings, "lora": adapters})
+    settings = {"cutoff_len": 64, "save_step": 0, "train_lora_candidate_num": 2, "train_lora_simultaneously_num": 2}
+    return config_from_dict({**settings, **run_level, "lora": adapters})
 
 
 def train(config, base: str, out: Path, **options):

@@ -63,9 +63,8 @@ def test_loss_falls_on_a_learnable_task(base_model, pairs_file, tmp_path):
 def test_matches_an_independent_reference_loop(base_model, pairs_file, tmp_path):
     """AdamW + weight decay + clipping + linear warm-up, with 4 accumulated micro-batches,
     against a plain loop over one full batch that computes everything itself."""
-    settings = dict(batch_size=8, micro_batch_size=2, num_epochs=3, lr=1e-2, weight_decay=0.1, max_grad_norm=0.05,
-                    scheduler_type="linear", warmup_steps=1)
-    cfg = run_config([adapter("ref", pairs_file, **settings)])
+    cfg = run_config([adapter("ref", pairs_file, batch_size=8, micro_batch_size=2, num_epochs=3, lr=1e-2,
+                              weight_decay=0.1, max_grad_norm=0.05, scheduler_type="linear", warmup_steps=1)])
     summary = train(cfg, base_model, tmp_path / "out", seed=7)
     trained = weights(summary.adapters["ref"].folder)
 

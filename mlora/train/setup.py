@@ -1,0 +1,129 @@
+"""Setting a run up: the run flags, checks of the output folder, device and dtype, adapters.
+
+Everything here runs before the first training step, so that a bad flag, an output folder
+that would be overwritten, or a target module the model lacks fails fast with a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mlora.model.adapted import MultiAdapterModel
+from mlora.model.loading import resolve_dtype
+from mlora.train import checkpoint as ckpt
+from mlora.train.data import Prepared, TrainError, adapter_seed
+
+logger = logging.getLogger("mlora.train")
+
+
+@dataclass
+class TrainOptions:
+    """How to run a config (the command-line flags of ``launch.py run`` / ``train.py``).
+
+    Attributes:
+        base_model: hub id, local model folder or ``.gguf`` file.
+        dtype: ``fp32`` | ``bf16`` | ``fp16`` for the frozen base; None: bf16 on a CUDA
+            device that supports it, else fp32. Adapters and optimizer state are always fp32.
+        quantize: None | ``4bit`` | ``8bit`` (bitsandbytes).
+        stop_after_steps: stop after this many global steps as if interrupted (checkpoint
+            written); for time-boxed runs and tests.
+        progress: show the tqdm bar.
+    """
+
+    base_model: str
+    output_dir: Path = Path("output")
+    dtype: str | None = None
+    quantize: str | None = None
+    device: str | None = None
+    seed: int = 42
+    resume: bool = False
+    overwrite: bool = False
+    gradient_checkpointing: bool = False
+    attn_impl: str | None = None
+    progress: bool = True
+    stop_after_steps: int | None = None
+
+    def __post_init__(self):
+        self.output_dir = Path(self.output_dir)
+
+    @classmethod
+    def from_args(cls, args) -> TrainOptions:
+        """From an argparse namespace carrying the run flags (unknown attributes ignored)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+
+
+def plan_output(config, options: TrainOptions) -> Path | None:
+    """Check ``output_dir`` against the flags; returns the checkpoint to resume from (or None).
+
+    Raises `TrainError` when finished adapters or an unfinished run would be overwritten
+    without ``--overwrite``.
+    """
+    out = options.output_dir
+    if options.resume and options.overwrite:
+        raise TrainError("give --resume (continue the run in --output_dir) or --overwrite (start over), not both")
+    latest = ckpt.latest_checkpoint(out)
+    if options.resume:
+        return latest
+    if options.overwrite:
+        return None
+    if latest is not None:
+        raise TrainError(f"{out} holds a checkpoint of an unfinished run ({latest}); pass --resume to continue it, "
+                         "--overwrite to start over, or choose another --output_dir")
+    taken = [a.name for a in config.lora if (out / a.name).exists()]
+    if taken:
+        raise TrainError(f"{out} already holds {', '.join(str(out / n) for n in taken)}; pass --overwrite to replace "
+                         "them, --resume to train only the adapters not finished yet, or choose another --output_dir")
+    return None
+
+
+def resolve_device_dtype(options: TrainOptions) -> tuple[torch.device, torch.dtype]:
+    """The device (default CUDA when available) and base dtype (default bf16 on CUDA, else fp32)."""
+    device = torch.device(options.device) if options.device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if options.dtype is not None:
+        return device, resolve_dtype(options.dtype)
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device, torch.bfloat16 if bf16_ok else torch.float32
+
+
+def check_adapters(model: MultiAdapterModel, cfgs: list, seed: int) -> None:
+    """Add and remove every adapter once, so a missing target module fails before training."""
+    for cfg in cfgs:
+        try:
+            model.add_adapter(cfg, seed=adapter_seed(seed, cfg.name))
+        except NotImplementedError as err:
+            raise TrainError(f"adapter {cfg.name!r}: {err}") from None
+        except KeyError as err:  # torch refuses module names that shadow nn.Module attributes
+            raise TrainError(f"adapter {cfg.name!r}: this name cannot be used ({err.args[0]}); rename the adapter") from None
+        model.remove_adapter(cfg.name)
+
+
+def log_prepared(name: str, prepared: Prepared, cutoff_len: int) -> None:
+    logger.info("%s: %d examples, %d truncated to cutoff_len %d, %d dropped (no target token left)", name,
+                prepared.num_raw, prepared.num_truncated, cutoff_len, prepared.num_dropped)
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable(base_model: str):
+    """Hold the hub client offline while loading a non-local base model when the Hub cannot be
+    reached: a cached copy still loads, a missing one fails at once instead of retrying for minutes."""
+    from mlora.data.sources import hub_reachable, offline_requested
+
+    if Path(base_model).exists() or offline_requested() or hub_reachable():
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved
