@@ -22,7 +22,6 @@ from mlora.evaluate import (
     EvalResults,
     EvaluationError,
     TaskResult,
-    _schedule,
     adapter_spec,
     base_spec,
     continuation_length,
@@ -33,6 +32,7 @@ from mlora.evaluate import (
     score_choice,
     score_loglikelihood,
 )
+from mlora.evaluate.batched import _schedule
 from mlora.io import merged_model
 from mlora.model.adapted import MultiAdapterModel
 from tests.model.helpers import randomise_b
@@ -78,7 +78,8 @@ VOCAB = len(TOKENIZER)
 
 def lora(name, task_name="arc-c;winogrande;hellaswag", **kw):
     data = ";".join(str(FIXTURES / t) for t in task_name.split(";"))
-    settings = {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
+    settings = {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
+                "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
     settings.update(kw)
     return LoraConfig(name=name, task_name=task_name, data=data, **settings)
 

@@ -1,0 +1,213 @@
+"""Evaluation results: per adapter and task, the table, and the JSON / CSV files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mlora.evaluate.protocols import argmax
+
+RESULTS_STEM = "eval_results"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TaskResult:
+    """One adapter on one task.
+
+    Attributes:
+        adapter, task, protocol: what was scored, and how.
+        split: the split name read ("test" for ARC and OBQA, "validation" for the others).
+        answers: the correct choice of each item.
+        scores: per item, one score per choice: the restricted log-probability of its letter
+            (choice) or the summed log-likelihood of its continuation (loglikelihood).
+        lengths: per item, the characters per choice `acc_norm` divides by (loglikelihood only).
+        truncated: rows cut on the left to fit the model's positions.
+    """
+
+    adapter: str
+    task: str
+    protocol: str
+    split: str
+    answers: list[int] = field(default_factory=list)
+    scores: list[list[float]] = field(default_factory=list)
+    lengths: list[list[int]] = field(default_factory=list)
+    truncated: int = 0
+
+    @property
+    def items(self) -> int:
+        return len(self.answers)
+
+    @property
+    def predictions(self) -> list[int]:
+        """The chosen choice of each item (highest score)."""
+        return [argmax(s) for s in self.scores]
+
+    @property
+    def norm_predictions(self) -> list[int] | None:
+        """The chosen choice by score per character (loglikelihood only)."""
+        if self.protocol != "loglikelihood":
+            return None
+        return [argmax([s / n for s, n in zip(ss, ns)]) for ss, ns in zip(self.scores, self.lengths)]
+
+    @property
+    def correct(self) -> int:
+        return sum(p == a for p, a in zip(self.predictions, self.answers))
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.items if self.items else float("nan")
+
+    @property
+    def acc_norm(self) -> float | None:
+        norm = self.norm_predictions
+        if norm is None:
+            return None
+        return sum(p == a for p, a in zip(norm, self.answers)) / self.items if self.items else float("nan")
+
+    def summary(self) -> dict:
+        """The JSON record of this result (no per-item scores)."""
+        return {"adapter": self.adapter, "task": self.task, "protocol": self.protocol, "split": self.split,
+                "items": self.items, "correct": self.correct, "acc": self.acc, "acc_norm": self.acc_norm,
+                "truncated": self.truncated}  # fmt: skip
+
+
+@dataclass
+class EvalResults:
+    """Everything one evaluation produced; `tasks` is in adapter order, then task order."""
+
+    tasks: list[TaskResult]
+    model: str | None = None
+    split: str = "eval"
+    limit: int | None = None
+    padding_side: str = "right"
+    seconds: float = 0.0
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(dict.fromkeys(r.adapter for r in self.tasks))
+
+    def result(self, adapter: str, task: str) -> TaskResult:
+        for r in self.tasks:
+            if r.adapter == adapter and r.task == task:
+                return r
+        raise KeyError(f"no result for adapter {adapter!r} on task {task!r}")
+
+    def averages(self) -> list[dict]:
+        """Per adapter: the unweighted mean over its tasks (the papers' AVG column)."""
+        out = []
+        for name in self.adapters:
+            rows = [r for r in self.tasks if r.adapter == name]
+            norms = [r.acc_norm for r in rows]
+            out.append({
+                "adapter": name, "protocol": "+".join(sorted({r.protocol for r in rows})), "tasks": len(rows),
+                "items": sum(r.items for r in rows), "acc": sum(r.acc for r in rows) / len(rows),
+                "acc_norm": None if None in norms else sum(norms) / len(rows),
+            })  # fmt: skip
+        return out
+
+    def to_dict(self) -> dict:
+        """The JSON document `save_results` writes::
+
+            {"format": 1, "model": "<base model>", "split": "eval", "limit": null,
+             "padding_side": "right", "created": "<UTC time>", "seconds": 12.3,
+             "results": [{"adapter", "task", "protocol", "split" (the split read: "test" or
+                          "validation"), "items", "correct", "acc", "acc_norm" (null under
+                          choice), "truncated"}, ...],
+             "averages": [{"adapter", "protocol", "tasks", "items", "acc", "acc_norm"}, ...]}
+
+        Accuracies are fractions in [0, 1]; an average is the unweighted mean over tasks.
+        """
+        return {
+            "format": FORMAT_VERSION,
+            "model": self.model,
+            "split": self.split,
+            "limit": self.limit,
+            "padding_side": self.padding_side,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(self.seconds, 3),
+            "results": [r.summary() for r in self.tasks],
+            "averages": self.averages(),
+        }
+
+
+# ------------------------------------------------------------------------------------- output
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def format_table(results: EvalResults) -> str:
+    """The adapters x tasks table (accuracy in %, unweighted average last) as text.
+
+    An adapter scored under ``loglikelihood`` gets a second line, ``acc_norm``; a task an
+    adapter was not scored on shows ``-``. A footer gives the item count of each task.
+    """
+    tasks = list(dict.fromkeys(r.task for r in results.tasks))
+    averages = {a["adapter"]: a for a in results.averages()}
+    header = ["adapter", "metric", *tasks, "avg"]
+    lines = [header]
+    for name in results.adapters:
+        ll = any(r.protocol == "loglikelihood" for r in results.tasks if r.adapter == name)
+        metrics = ["acc", "acc_norm"] if ll else ["acc"]
+        for metric in metrics:
+            cells = []
+            for task in tasks:
+                try:
+                    cells.append(_percent(getattr(results.result(name, task), metric)))
+                except KeyError:
+                    cells.append("-")
+            lines.append([name if metric == "acc" else "", metric, *cells, _percent(averages[name][metric])])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in lines]
+    used = sorted({r.protocol for r in results.tasks})
+    title = (f"evaluation: {' and '.join(used)} protocol{'s' if len(used) > 1 else ''}, split {results.split!r}"
+             + (f", first {results.limit} items per task" if results.limit else "")
+             + (f", model {results.model}" if results.model else ""))
+    counts = []
+    for task in tasks:
+        sizes = sorted({r.items for r in results.tasks if r.task == task})
+        split = next(r.split for r in results.tasks if r.task == task)
+        counts.append(f"{task} {'/'.join(map(str, sizes))} ({split})")
+    return "\n".join([title, *text, "items: " + ", ".join(counts)])
+
+
+_CSV_FIELDS = ("adapter", "task", "protocol", "split", "items", "correct", "acc", "acc_norm", "truncated")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Write-then-rename: an interrupted run never leaves half a results file.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_results(results: EvalResults, folder, stem: str = RESULTS_STEM) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` (`EvalResults.to_dict`) and ``<stem>.csv`` into `folder`.
+
+    The CSV has one line per adapter and task (columns: adapter, task, protocol, split, items,
+    correct, acc, acc_norm, truncated) and one ``average`` line per adapter. Returns both paths.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = folder / f"{stem}.json", folder / f"{stem}.csv"
+    _write_atomic(json_path, json.dumps(results.to_dict(), indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for record in [r.summary() for r in results.tasks]:
+        writer.writerow({k: "" if v is None else v for k, v in record.items()})
+    for avg in results.averages():
+        writer.writerow({"adapter": avg["adapter"], "task": "average", "protocol": avg["protocol"],
+                         "items": avg["items"], "acc": avg["acc"],
+                         "acc_norm": "" if avg["acc_norm"] is None else avg["acc_norm"]})  # fmt: skip
+    _write_atomic(csv_path, buffer.getvalue())
+    return json_path, csv_path
