@@ -55,7 +55,13 @@ class MetricsLog:
                     self._tb.add_scalar(f"train/{key}", value, record["step"])
 
     def event(self, step: int, event: str, **details) -> None:
+        """An unusual step (``nan_loss``, ``stopped``, ...) or a score (``eval``, with its ``task``)."""
         self._write({"step": step, "event": event, **details})
+        if self._tb is not None:
+            prefix = f"{event}/{details['task']}" if "task" in details else event
+            for key, value in details.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
 
     def _write(self, record: dict) -> None:
         self._file.write(json.dumps(record, allow_nan=True) + "\n")

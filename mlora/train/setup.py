@@ -105,6 +105,22 @@ def check_adapters(model: MultiAdapterModel, cfgs: list, seed: int) -> None:
         model.remove_adapter(cfg.name)
 
 
+def check_eval_data(cfgs: list) -> None:
+    """An adapter with ``evaluate_steps`` is scored on its benchmarks' evaluation splits while it
+    trains: read them now, so a missing split fails before training rather than midway."""
+    from mlora.data import is_benchmark, load_items, task_names, task_sources
+
+    for cfg in cfgs:
+        if not cfg.evaluate_steps:
+            continue
+        tasks = [(t, src) for t, src in task_sources(task_names(cfg.task_name), cfg.data) if is_benchmark(t)]
+        if not tasks:
+            logger.warning("%s: evaluate_steps has nothing to score (task %s has no benchmark split)", cfg.name,
+                           cfg.task_name)
+        for task, source in tasks:
+            load_items(task, "eval", source, limit=1)
+
+
 def log_prepared(name: str, prepared: Prepared, cutoff_len: int) -> None:
     logger.info("%s: %d examples, %d truncated to cutoff_len %d, %d dropped (no target token left)", name,
                 prepared.num_raw, prepared.num_truncated, cutoff_len, prepared.num_dropped)

@@ -58,6 +58,7 @@ from mlora.train.metrics import MetricsLog, Progress, memory_gb, tensorboard_ava
 from mlora.train.setup import (
     TrainOptions,
     check_adapters,
+    check_eval_data,
     hub_offline_unless_reachable,
     log_prepared,
     plan_output,
@@ -141,6 +142,8 @@ class Run:
     finished: dict[str, AdapterSummary] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     last_checkpoint: Path | None = None
+    tokenizer: object = None
+    no_scoring: set[str] = field(default_factory=set)  # adapters whose evaluation failed
 
     def cfg(self, name: str):
         return next(a for a in self.config.lora if a.name == name)
@@ -208,6 +211,8 @@ def fit(run: Run, progress: Progress) -> bool:
                 optimizer_step(ar, epoch)
                 progress.adapter(name, ar.last_loss if ar.last_loss is not None else float("nan"), ar.lr())
                 checkpoint_due |= config.save_step > 0 and ar.step % config.save_step == 0
+                if ar.cfg.evaluate_steps and ar.step % ar.cfg.evaluate_steps == 0:
+                    score_adapter(run, ar)
                 if ar.nan_streak >= MAX_NAN_STREAK:
                     stop_adapter(run, ar, f"{MAX_NAN_STREAK} steps in a row had a non-finite loss or gradient "
                                  f"(last at step {ar.step}); lower lr, check the data, or use fp32/bf16")
@@ -291,6 +296,32 @@ def optimizer_step(ar: AdapterRun, epoch: int) -> None:
     else:
         ar.metrics.step(record)
     ar.reset_accumulation()
+
+
+def score_adapter(run: Run, ar: AdapterRun) -> None:
+    """``evaluate_steps``: score the adapter on its benchmark tasks' evaluation split, log the accuracy.
+
+    Scoring runs in eval mode without gradients and draws no random numbers, so it changes
+    nothing the training computes. A failing evaluation is logged and turned off for this
+    adapter; training goes on.
+    """
+    from mlora.evaluate import adapter_spec, evaluate
+
+    spec = adapter_spec(ar.cfg)
+    if spec is None or ar.name in run.no_scoring:
+        return  # instruction data has no benchmark split to score
+    try:
+        results = evaluate(run.model, run.tokenizer, [spec])
+    except Exception as err:  # noqa: BLE001 -- a scoring problem must not end the training run
+        run.no_scoring.add(ar.name)
+        logger.warning("%s: evaluation at step %d failed, no more evaluation during training: %s",
+                       ar.name, ar.step, err)
+        return
+    for r in results.tasks:
+        ar.metrics.event(ar.step, "eval", task=r.task, protocol=r.protocol, items=r.items, acc=r.acc,
+                         acc_norm=r.acc_norm)
+        logger.info("%s: step %d: %s %s accuracy %.4f (%d items)", ar.name, ar.step, r.task, r.protocol, r.acc,
+                    r.items)
 
 
 # ================================================================ adapters in and out
@@ -415,6 +446,7 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
     todo = [a for a in config.lora if a.name not in done and a.name not in failed_before]
 
     raw = {a.name: read_examples(a, seed) for a in todo}  # data errors before the model loads
+    check_eval_data(todo)
     device, dtype = resolve_device_dtype(options)
     with hub_offline_unless_reachable(options.base_model):
         hf_model, tokenizer = load_base_model(options.base_model, dtype=dtype, quantize=options.quantize,
@@ -445,7 +477,7 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
 
     run = Run(config, options, model, device, dtype == torch.float16, tokenizer.pad_token_id, seed,
               state["run_id"] if state else uuid.uuid4().hex, prepared, dispatcher, resume_from, set(restore),
-              failed=failed_before)
+              failed=failed_before, tokenizer=tokenizer)
     total, initial = _progress_counts(run, todo, resume_from)
     progress = Progress(total, initial, options.progress)
     model.train()

@@ -13,7 +13,7 @@ from mlora.data import DataError
 from mlora.model.adapted import AdapterError
 from mlora.model.loading import ModelLoadError
 from mlora.train import TrainError
-from tests.train.helpers import adapter, run_config, train
+from tests.train.helpers import FIXTURES, adapter, run_config, train
 
 
 def case(kind: str, tmp_path, base_model: str, pairs_file: str):
@@ -46,6 +46,14 @@ def test_errors_before_training(kind, base_model, pairs_file, tmp_path):
     with pytest.raises(error, match=text):
         train(cfg, base, tmp_path / "out")
     assert not (tmp_path / "out" / "logs").exists() and not (tmp_path / "out" / "x").exists()
+
+
+def test_evaluate_steps_needs_an_evaluation_split_before_training(base_model, tmp_path):
+    train_only = str(FIXTURES / "arc-e" / "train.jsonl")  # a file holds one split: no test items
+    cfg = run_config([adapter("x", train_only, task_name="arc-e", evaluate_steps=2)])
+    with pytest.raises(DataError, match="test"):
+        train(cfg, base_model, tmp_path / "out")
+    assert not (tmp_path / "out" / "logs").exists()
 
 
 def test_data_is_checked_before_the_model_loads(tmp_path):

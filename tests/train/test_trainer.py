@@ -14,7 +14,7 @@ import mlora.train.trainer as trainer_module
 from mlora.data.casual import ALPACA
 from mlora.model.adapted import MultiAdapterModel
 from mlora.train.data import adapter_seed
-from tests.train.helpers import PAIRS, adapter, metrics, run_config, train, weights, write_template
+from tests.train.helpers import FIXTURES, PAIRS, adapter, metrics, run_config, train, weights, write_template
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -212,3 +212,15 @@ def test_mixlora_adapter_learns_with_router_loss(base_model, pairs_file, tmp_pat
     assert logged[-1]["loss"] < 0.3 * logged[0]["loss"]
     # The balance loss coef * E * sum_e f_e P_e lies in (0, coef * E] (f_e <= 1, sum_e P_e = 1).
     assert all(0.0 < r["aux_loss"] <= 0.01 * 4 + 1e-6 for r in logged)
+
+
+def test_evaluate_steps_scores_during_training_without_changing_it(base_model, tmp_path):
+    # The fixture folder holds train.jsonl (12 rows: 3 steps per epoch) and test.jsonl (8 items).
+    arc = adapter("arc", str(FIXTURES / "arc-e"), task_name="arc-e", num_epochs=2, lora_dropout=0.1)
+    scored = train(run_config([{**arc, "evaluate_steps": 2}]), base_model, tmp_path / "scored")
+    plain = train(run_config([arc]), base_model, tmp_path / "plain")
+    evals = [r for r in metrics(tmp_path / "scored", "arc") if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(r["task"] == "arc-e" and r["items"] == 8 and 0.0 <= r["acc"] <= 1.0 for r in evals)
+    a, b = weights(scored.adapters["arc"].folder), weights(plain.adapters["arc"].folder)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # scoring draws no randomness, touches no weights
