@@ -76,9 +76,12 @@ def load_base_model(name_or_path: str, *, dtype=None, quantize: str | None = Non
         raise ModelLoadError(f"base model file {name_or_path} does not exist")
     if looks_local and gguf_file is None and not Path(folder).is_dir():
         raise ModelLoadError(f"base model folder {name_or_path} does not exist")
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
+        from mlora.model.gguf import materialize
+
+        # Dequantize once into the cache; every later load reads plain safetensors.
+        folder, gguf_file = str(materialize(Path(folder) / gguf_file, attn_impl=attn_impl)), None
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if attn_impl:
         kwargs["attn_implementation"] = attn_impl
     qconfig = _quantization_config(quantize, torch_dtype)
@@ -86,7 +89,7 @@ def load_base_model(name_or_path: str, *, dtype=None, quantize: str | None = Non
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as err:
         hint = ("" if Path(folder).exists() else
