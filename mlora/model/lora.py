@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlora.kernels.lora import lora_delta
 from mlora.model.context import AdapterContext
 from mlora.model.quant import dense_weight, linear_features
 
@@ -67,13 +68,14 @@ class LoraAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """The adapted output for rows ``x (..., in)`` whose frozen output is ``base_out (..., out)``."""
-        h = x.float()
         dropped = self.dropout > 0.0 and self.training
+        if not self.use_dora:
+            delta = lora_delta(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout, self.training)
+            return base_out + delta.to(base_out.dtype)
+        h = x.float()
         if dropped:
             h = F.dropout(h, self.dropout, training=True)
         delta = self.lora_product(h)
-        if not self.use_dora:
-            return base_out + delta.to(base_out.dtype)
         weight = dense_weight(base_layer)
         scale = self.dora_scale(weight)
         if not dropped:

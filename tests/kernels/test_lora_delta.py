@@ -1,0 +1,43 @@
+"""The LoRA delta function: values against the plain expression, gradients by finite differences."""
+
+import pytest
+import torch
+
+from mlora.kernels.lora import lora_delta
+
+
+def test_matches_the_plain_expression_without_dropout():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, generator=gen, requires_grad=True)
+    A = torch.randn(2, 6, generator=gen, requires_grad=True)
+    B = torch.randn(5, 2, generator=gen, requires_grad=True)
+    ours = lora_delta(x, A, B, 1.5, 0.0, training=True)
+    ref = 1.5 * x @ A.T @ B.T
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad((ours * g).sum(), (x, A, B)),
+                               torch.autograd.grad((ref * g).sum(), (x, A, B)))
+
+
+def test_dropout_scales_kept_inputs_and_is_off_in_eval():
+    x = torch.ones(4000, 1)
+    A, B = torch.ones(1, 1), torch.ones(1, 1)
+    out = lora_delta(x, A, B, 1.0, 0.25, training=True)
+    kept = out != 0
+    assert torch.allclose(out[kept], torch.tensor(1 / 0.75))
+    assert 0.7 < kept.float().mean().item() < 0.8
+    assert torch.equal(lora_delta(x, A, B, 1.0, 0.25, training=False), x)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradients_are_exact_by_finite_differences(dropout):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, A, B):
+        torch.manual_seed(0)  # the same dropout mask at every evaluation
+        return lora_delta(x, A, B, 0.7, dropout, training=True)
+
+    assert torch.autograd.gradcheck(fn, (x, A, B), eps=1e-6, atol=1e-6)
