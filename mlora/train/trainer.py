@@ -434,6 +434,8 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
     seed = state["seed"] if state else options.seed
     if state and state["seed"] != options.seed:
         logger.warning("resuming with the run's seed %d (--seed %d ignored)", state["seed"], options.seed)
+    if state and state["base_model"] != options.base_model:
+        logger.warning("the run was started on base model %s; resuming on %s", state["base_model"], options.base_model)
     names = [a.name for a in config.lora]
     restore = set(state["dispatcher"]["active"]) if state else set()
     missing = sorted(restore - set(names))

@@ -154,3 +154,30 @@ def test_resume_refuses_a_changed_adapter(base_model, tmp_path, pairs_file):
         train(changed, base_model, out, resume=True)
     resumed = train(cfg, base_model, out, resume=True)
     assert resumed.adapters["x"].status == "finished" and resumed.adapters["x"].steps == 6
+
+
+def test_cli_ctrl_c_exits_130_and_resume_finishes(base_model, pairs_file, tmp_path, monkeypatch, capsys):
+    import json
+
+    from mlora.cli import main as launch_main
+    from mlora.config import to_dict
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(to_dict(run_config([adapter("x", pairs_file, num_epochs=3)]))))
+    argv = ["run", "--config", str(path), "--base_model", base_model, "--output_dir", str(tmp_path / "out")]
+    real_loss = trainer_module.adapter_loss
+    count = {"n": 0}
+
+    def interrupting_loss(ar, *args):
+        count["n"] += 1
+        if count["n"] == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(ar, *args)
+
+    monkeypatch.setattr(trainer_module, "adapter_loss", interrupting_loss)
+    assert launch_main(argv) == 130
+    assert "--resume" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert launch_main([*argv, "--resume"]) == 0
+    assert (tmp_path / "out" / "x" / "adapter_model.safetensors").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back

@@ -224,3 +224,23 @@ def test_evaluate_steps_scores_during_training_without_changing_it(base_model, t
     assert all(r["task"] == "arc-e" and r["items"] == 8 and 0.0 <= r["acc"] <= 1.0 for r in evals)
     a, b = weights(scored.adapters["arc"].folder), weights(plain.adapters["arc"].folder)
     assert all(torch.equal(a[k], b[k]) for k in a)  # scoring draws no randomness, touches no weights
+
+
+@pytest.mark.parametrize("quantize", ["8bit", "4bit"])
+def test_quantized_bases_train(base_model, pairs_file, tmp_path, quantize):
+    pytest.importorskip("bitsandbytes")
+    cfg = run_config([adapter("quant", pairs_file, num_epochs=3, use_dora=quantize == "4bit")])
+    summary = train(cfg, base_model, tmp_path / "out", quantize=quantize)
+    layer = summary.model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}[quantize]
+    assert summary.adapters["quant"].status == "finished"
+    saved = weights(summary.adapters["quant"].folder)
+    assert any(saved[k].abs().sum() > 0 for k in saved if "lora_B" in k)
+    losses = [r["loss"] for r in metrics(tmp_path / "out", "quant")]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+
+
+def test_tensorboard_event_files_when_installed(base_model, pairs_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(run_config([adapter("tb", pairs_file, num_epochs=1)]), base_model, tmp_path / "out")
+    assert list((tmp_path / "out" / "tensorboard" / "tb").glob("events.out.tfevents.*"))
