@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Generate with a trained adapter: python generate.py --lora_weights DIR --instruction "..."."""
+
+import sys
+
+from mlora.generate import main
+
+if __name__ == "__main__":
+    sys.exit(main())
