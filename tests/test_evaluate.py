@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
@@ -260,6 +260,33 @@ def test_scores_equal_an_unpadded_per_item_loop(two_models, protocol, padding_si
             assert result.protocol == protocol
     # The adapter changes the scores: the parity above is not a base-vs-base tautology.
     assert results.result("ad", "hellaswag").scores != results.result(BASE, "hellaswag").scores
+
+
+def test_letters_of_several_tokens_are_scored_as_sequences():
+    # A small BPE writes some letters after "Answer:" as two tokens ("▁", "D"): those items are
+    # scored by each letter's log-likelihood, restricted to the item's letters by a log-softmax;
+    # the others by the logits at the answer position. The reference does every item the long way.
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.train_from_iterator(all_texts() * 3, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                                                           show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    assert len(tok.tokenize(" D")) == 2 and len(tok.tokenize(" A")) == 1
+    hf = tiny_model(vocab=len(tok), seed=4)
+    cfg = lora("x", task_name="obqa;arc-c", evaluate_batch_size=3)
+    results = evaluate(MultiAdapterModel(copy.deepcopy(hf)), tok, [base_spec([cfg])], limit=5)
+    for task in ("obqa", "arc-c"):
+        for item, got in zip(fixture_items(task, 5), results.result(BASE, task).scores):
+            sums = []
+            for target in item.label_targets:
+                context, whole = tok.encode(item.prompt), tok.encode(item.prompt + target)
+                assert whole[:len(context)] == context
+                logits = hf(input_ids=torch.tensor([whole[:-1]])).logits[0].double()
+                log_probs = logits - logits.exp().sum(-1, keepdim=True).log()
+                sums.append(sum(log_probs[j - 1, whole[j]] for j in range(len(context), len(whole))))
+            sums = torch.stack(sums)
+            assert got == pytest.approx((sums - sums.exp().sum().log()).tolist(), abs=1e-5)
 
 
 def test_long_rows_lose_tokens_on_the_left(two_models):

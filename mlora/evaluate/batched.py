@@ -24,7 +24,7 @@ from mlora.data import BENCHMARK_TASKS, PROTOCOLS, get_task, load_items, task_so
 from mlora.evaluate.protocols import (
     EvaluationError,
     Row,
-    choice_row,
+    choice_rows,
     continuation_length,
     loglikelihood_rows,
     score_choice,
@@ -146,7 +146,7 @@ def _run_batch(model, group: list[tuple[EvalSpec, list[Row]]], pad_id: int, padd
     out = []
     for b, row in enumerate(rows):
         positions = [offsets[b] + p for p in row.positions]
-        if row.kind == "choice":
+        if row.kind == "labels":
             out.append((row, score_choice(logits[b, positions[0]], row.targets).tolist()))
         else:
             out.append((row, [score_loglikelihood(logits[b, positions], row.targets)]))
@@ -174,7 +174,7 @@ def _prepare(tokenizer, specs: Sequence[EvalSpec], split: str, limit: int | None
                     result.lengths.append([continuation_length(c) for c in item.choices])
                     rows = loglikelihood_rows(tokenizer, item, owner, index)
                 else:
-                    rows = [choice_row(tokenizer, item, owner, index)]
+                    rows = choice_rows(tokenizer, item, owner, index)
                 result.truncated += sum(truncate_left(row, max_length) for row in rows)
                 spec_rows.extend(rows)
             results.append(result)
@@ -221,6 +221,7 @@ def evaluate(model, tokenizer, specs: Sequence[EvalSpec], *, simultaneous: int =
     device = next(model.parameters()).device
     forwards = list(_schedule(queues, simultaneous))
     bar = _progress_bar(len(forwards), progress)
+    letter_sequences: set[tuple[int, int]] = set()  # choice items whose letters are several tokens
     was_training = model.training
     model.eval()  # no dropout, no router jitter; restored for a caller that is training
     try:
@@ -228,16 +229,20 @@ def evaluate(model, tokenizer, specs: Sequence[EvalSpec], *, simultaneous: int =
             for forward in forwards:
                 group = [(specs[i], rows) for i, rows in forward]
                 for row, scores in _run_batch(model, group, pad_id, padding_side, device):
-                    if row.kind == "choice":
+                    if row.kind == "labels":
                         results[row.owner].scores[row.item] = scores
                     else:
                         results[row.owner].scores[row.item][row.choice] = scores[0]
+                        if results[row.owner].protocol == "choice":
+                            letter_sequences.add((row.owner, row.item))
                 if bar is not None:
                     bar.update(1)
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
+    for owner, index in letter_sequences:  # restrict the letters' log-likelihoods to the item's letters
+        results[owner].scores[index] = torch.log_softmax(torch.tensor(results[owner].scores[index]), -1).tolist()
     return EvalResults(results, model_name, split, limit, padding_side, time.perf_counter() - start)
 
 

@@ -75,12 +75,12 @@ def argmax(values: Sequence[float]) -> int:
 class Row:
     """One sequence to run, and what to read from its logits.
 
-    `positions` index `ids`. A ``choice`` row reads the logits of `targets` (this item's label
-    ids, in choice order) at its single position; a ``loglikelihood`` row reads the
-    log-probability of ``targets[j]`` at ``positions[j]`` for choice `choice`.
+    `positions` index `ids`. A ``labels`` row reads the logits of `targets` (an item's label
+    ids, in choice order) at its single position. A ``sequence`` row reads the log-probability
+    of ``targets[j]`` at ``positions[j]``, summed, for choice `choice` of its item.
     """
 
-    kind: str
+    kind: str  # "labels" | "sequence"
     ids: list[int]
     positions: list[int]
     targets: list[int]
@@ -99,42 +99,47 @@ def _nonempty_context(tokenizer, ids: list[int]) -> list[int]:
     return [start]
 
 
-def choice_row(tokenizer, item, owner: int, index: int) -> Row:
-    """The row of one item under `choice`: its prompt, read at the last position."""
-    contexts, label_ids = set(), []
-    for target in item.label_targets:
-        context, label = split_ids(tokenizer, item.prompt, target)
-        if not label:
-            raise EvaluationError(f"{item.task}: label {target!r} adds no token after the prompt")
-        contexts.add(tuple(context))
-        label_ids.append(label[0])  # a letter is one token; if not, its first token decides
-    if len(contexts) != 1:
-        raise EvaluationError(f"{item.task}: the tokenizer merges the answer letters into the end of the prompt "
-                              "differently per letter, so no single answer position exists; "
-                              "use --protocol loglikelihood")  # fmt: skip
-    if len(set(label_ids)) != len(label_ids):
+def _sequence_row(tokenizer, context: str, continuation: str, owner: int, index: int, choice: int) -> Row | None:
+    """The row that scores `continuation` after `context`; None if it adds no token (score 0)."""
+    context_ids, continuation_ids = split_ids(tokenizer, context, continuation)
+    if not continuation_ids:
+        return None
+    context_ids = _nonempty_context(tokenizer, context_ids)
+    start = len(context_ids) - 1
+    return Row("sequence", context_ids + continuation_ids[:-1], list(range(start, start + len(continuation_ids))),
+               continuation_ids, owner, index, choice)
+
+
+def choice_rows(tokenizer, item, owner: int, index: int) -> list[Row]:
+    """The rows of one item under `choice`.
+
+    Normally one ``labels`` row: the prompt, whose last position predicts the answer letter;
+    `score_choice` restricts its logits to the item's letters. A tokenizer that writes a letter
+    as several tokens (or merges it into the prompt's end) gets one ``sequence`` row per letter
+    instead: each letter's log-likelihood after the prompt, restricted to the item's letters by
+    a log-softmax over them once all are known. For one-token letters both give the same scores
+    (the softmax normaliser at the shared position cancels).
+    """
+    splits = [split_ids(tokenizer, item.prompt, target) for target in item.label_targets]
+    labels = [tuple(label) for _, label in splits]
+    if any(not label for label in labels) or len(set(labels)) != len(labels):
         raise EvaluationError(
             f"{item.task}: the tokenizer gives the labels {', '.join(repr(t) for t in item.label_targets)} "
-            f"the token ids {label_ids}, which repeat, so the choice protocol cannot tell them apart; "
-            "use --protocol loglikelihood"
+            f"the token ids {[list(label) for label in labels]} after the prompt, so the choice protocol "
+            "cannot tell them apart; use --protocol loglikelihood"
         )
-    context = _nonempty_context(tokenizer, list(contexts.pop()))
-    return Row("choice", context, [len(context) - 1], label_ids, owner, index)
+    if len({tuple(context) for context, _ in splits}) == 1 and all(len(label) == 1 for label in labels):
+        context = _nonempty_context(tokenizer, splits[0][0])
+        return [Row("labels", context, [len(context) - 1], [label[0] for label in labels], owner, index)]
+    return [_sequence_row(tokenizer, item.prompt, target, owner, index, k)
+            for k, target in enumerate(item.label_targets)]
 
 
 def loglikelihood_rows(tokenizer, item, owner: int, index: int) -> list[Row]:
     """Rows for one item under `loglikelihood`: one per choice with a non-empty continuation."""
-    rows = []
-    for k, (context, continuation) in enumerate(item.loglikelihood_requests()):
-        context_ids, continuation_ids = split_ids(tokenizer, context, continuation)
-        if not continuation_ids:
-            continue  # an empty continuation has log-likelihood 0
-        context_ids = _nonempty_context(tokenizer, context_ids)
-        ids = context_ids + continuation_ids[:-1]
-        start = len(context_ids) - 1
-        rows.append(Row("loglikelihood", ids, list(range(start, start + len(continuation_ids))),
-                         continuation_ids, owner, index, k))
-    return rows
+    rows = [_sequence_row(tokenizer, context, continuation, owner, index, k)
+            for k, (context, continuation) in enumerate(item.loglikelihood_requests())]
+    return [row for row in rows if row is not None]
 
 
 def truncate_left(row: Row, max_length: int | None) -> bool:
