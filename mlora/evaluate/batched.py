@@ -127,8 +127,8 @@ def _run_batch(model, group: list[tuple[EvalSpec, list[Row]]], pad_id: int, padd
     """One forward over the rows of several variants; returns each row's scores.
 
     Adapter rows form one segment per adapter; bare-base rows go last, outside every segment
-    (uncovered rows get the frozen model). Scores: `score_choice` of a choice row (one per
-    label), ``[score_loglikelihood]`` of a loglikelihood row.
+    (uncovered rows get the frozen model). Scores: `score_choice` of a ``labels`` row (one per
+    label), ``[score_loglikelihood]`` of a ``sequence`` row.
     """
     group = sorted(group, key=lambda g: g[0].adapter is None)
     rows = [row for _, batch in group for row in batch]

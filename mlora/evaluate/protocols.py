@@ -3,8 +3,9 @@
 * ``choice`` (the MixLoRA paper's): one row per item, its lettered prompt. At the last
   position, the position that predicts the answer letter, only this item's own label tokens
   compete (an ARC item with 3 choices is scored over " A", " B", " C"). The label token ids
-  come from `split_ids`, the boundary training used, so evaluation reads exactly the token
-  training targeted.
+  come from `split_ids`, the boundary training used, so evaluation reads exactly the tokens
+  training targeted (a tokenizer that writes a letter as several tokens gets one row per
+  letter instead; see `choice_rows`).
 * ``loglikelihood`` (lm-evaluation-harness): one row per choice, context + continuation minus
   its last token; the continuation's summed log-probability is read at the positions that
   predict its tokens. ``acc`` takes the best sum; ``acc_norm`` divides each sum by the
