@@ -23,6 +23,7 @@ from the latest checkpoint and ends with the same weights as an uninterrupted ru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -103,6 +104,7 @@ class TrainSummary:
     checkpoint: Path | None
     global_steps: int
     seconds: float
+    tensorboard: Path | None = None
     model: MultiAdapterModel | None = field(default=None, repr=False)
     tokenizer: object = field(default=None, repr=False)
 
@@ -116,6 +118,8 @@ class TrainSummary:
             out.append(f"{a.name}: {a.status}, {a.steps} steps{loss}{where}{note}")
             if a.metrics:
                 out.append(f"  metrics: {a.metrics}")
+        if self.tensorboard is not None:
+            out.append(f"tensorboard: {self.tensorboard}")
         if self.checkpoint is not None:
             out.append(f"checkpoint: {self.checkpoint} (continue with --resume)")
         out.append(f"{self.global_steps} training steps in {self.seconds:.1f} s; output in {self.output_dir}")
@@ -378,7 +382,8 @@ def save_checkpoint(run: Run) -> Path:
     """Snapshot every active adapter and the queue at the current global step."""
     state = {"format": 1, "run_id": run.run_id, "seed": run.seed, "global_step": run.dispatcher.step,
              "base_model": run.options.base_model, "dispatcher": run.dispatcher.state_dict(),
-             "finished": sorted(run.finished), "failed": dict(run.failed)}
+             "finished": sorted(run.finished), "failed": dict(run.failed),
+             "positions": {name: dataclasses.asdict(ar.position) for name, ar in run.active.items()}}
     states = {name: ar.state_dict() for name, ar in run.active.items()}
     path = ckpt.write_checkpoint(run.options.output_dir, run.dispatcher.step, state, run.model, states,
                                  run.options.base_model)
@@ -443,7 +448,7 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
         raise TrainError(f"the checkpoint {resume_from} trains adapter(s) {', '.join(missing)} that the config no "
                          "longer lists; resume with the config the run was started with")
     failed_before = dict(state["failed"]) if state else {}
-    done = {n for n in names if n not in restore and (out / n).exists() and options.resume}
+    done = {n for n in names if n not in restore and options.resume and ckpt.is_finished_adapter(out / n)}
     done |= set(state["finished"]) - restore if state else set()
     todo = [a for a in config.lora if a.name not in done and a.name not in failed_before]
 
@@ -466,6 +471,7 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
         ckpt.remove_checkpoints(out)
         for a in config.lora:
             ckpt.remove_folder(out / a.name)
+            ckpt.remove_folder(out / "tensorboard" / a.name)
     if state:
         dispatcher = Dispatcher.from_state(state["dispatcher"])
         known = set(dispatcher.active) | set(dispatcher.waiting)
@@ -480,7 +486,7 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
     run = Run(config, options, model, device, dtype == torch.float16, tokenizer.pad_token_id, seed,
               state["run_id"] if state else uuid.uuid4().hex, prepared, dispatcher, resume_from, set(restore),
               failed=failed_before, tokenizer=tokenizer)
-    total, initial = _progress_counts(run, todo, resume_from)
+    total, initial = _progress_counts(run, todo, state["positions"] if state else {})
     progress = Progress(total, initial, options.progress)
     model.train()
     interrupted = False
@@ -513,12 +519,15 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
             summaries[n] = AdapterSummary(n, "waiting")
     for ar_name in list(run.active):
         run.model.remove_adapter(ar_name)
+    tensorboard = _tensorboard_dir(out)
     return TrainSummary(out, summaries, interrupted, run.last_checkpoint if interrupted else None,
-                        run.dispatcher.step, time.perf_counter() - start, model, tokenizer)
+                        run.dispatcher.step, time.perf_counter() - start,
+                        tensorboard if tensorboard is not None and tensorboard.is_dir() else None, model, tokenizer)
 
 
-def _progress_counts(run: Run, todo: list, resume_from: Path | None) -> tuple[int, int]:
-    """(total, already done) micro-batches over the adapters this run trains, for the bar."""
+def _progress_counts(run: Run, todo: list, positions: dict) -> tuple[int, int]:
+    """(total, already done) micro-batches over the adapters this run trains, for the bar;
+    `positions` holds the checkpointed data position of each restored adapter."""
     total = initial = 0
     for a in todo:
         n = len(run.prepared[a.name].examples)
@@ -527,8 +536,7 @@ def _progress_counts(run: Run, todo: list, resume_from: Path | None) -> tuple[in
             data = AdapterData(run.prepared[a.name].examples, batch_size=a.batch_size,
                                micro_batch_size=a.micro_batch_size, num_epochs=a.num_epochs,
                                group_by_length=False, seed=0)
-            position = Position(**ckpt.read_trainer_state(resume_from, a.name)["position"])
-            initial += data.micro_batches_done(position)
+            initial += data.micro_batches_done(Position(**positions[a.name]))
     return total, initial
 
 
