@@ -133,6 +133,7 @@ def machine_info(device: str, threads: int) -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {
+        "git": _git_state(),
         "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
         "cpu_family_model": f"{cpu.get('cpu family', '?')}/{cpu.get('model', '?')}",
         "cpu_features": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
@@ -200,7 +201,7 @@ def format_report(report: dict) -> str:
     lines = [f"shape={s['shape']} seq={s['seq']} micro-batch={s['micro_batch']} steps={s['steps']} "
              f"warmup={s['warmup']} device={s['device']} threads={s['threads']} "
              f"grad_ckpt={s['grad_ckpt']} lora_dropout={s['lora_dropout']}",
-             f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['torch']}, "
+             f"code: {m['git']}; machine: {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['torch']}, "
              f"transformers {m['transformers']}, peft {m['peft']}; load average before/after: "
              f"{report['load_before']} / {report['load_after']}",
              "matmul peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in report["matmul_peak_gflops"].items())]
@@ -291,6 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         print(f"profiles: {profile_dir}")
     return 0 if all(r.get("status") in ("ok", "skipped") for r in results) and peaks else 1
+
+
+def _git_state() -> str | None:
+    """The checkout measured: commit, plus "+local changes" when the engine differs from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mlora", "bench"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + (" +local changes" if dirty else "")) if commit else None
 
 
 def _cpu_seconds() -> tuple[float, float] | None:
