@@ -264,16 +264,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
 
     # Imported here: validating a config must not pay for torch.
-    import logging
-
     from mlora.data import DataError
     from mlora.io import AdapterFileError
     from mlora.model.adapted import AdapterError
     from mlora.model.loading import ModelLoadError
-    from mlora.train import TrainError, TrainOptions, run_training
+    from mlora.train import TrainError, TrainOptions, console_logging, run_training
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    console_logging()
     try:
         summary = run_training(cfg, TrainOptions.from_args(args))
     except (TrainError, DataError, ModelLoadError, AdapterError, AdapterFileError) as err:

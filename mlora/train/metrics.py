@@ -73,6 +73,28 @@ class MetricsLog:
             self._tb.close()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def console_logging() -> None:
+    """Show mlora's INFO messages on stderr, once; other libraries' loggers are left alone."""
+    package = logging.getLogger("mlora")
+    if not any(isinstance(h, _StderrHandler) for h in package.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
 def _tensorboard_writer(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter

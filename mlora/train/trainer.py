@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -555,5 +556,10 @@ def _redirect_logging(enabled: bool):
         return
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm():  # log lines go above the bar instead of through it
+    # Log lines go above the bar instead of through it; only loggers that print to the console
+    # are redirected (redirecting one without a handler would add one and print lines twice).
+    consoles = [lg for lg in (logging.root, logging.getLogger("mlora"))
+                if any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+                       for h in lg.handlers)]
+    with logging_redirect_tqdm(loggers=consoles):
         yield
