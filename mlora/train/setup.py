@@ -30,6 +30,10 @@ class TrainOptions:
         base_model: hub id, local model folder or ``.gguf`` file.
         dtype: ``fp32`` | ``bf16`` | ``fp16`` for the frozen base; None: bf16 on a CUDA
             device that supports it, else fp32. Adapters and optimizer state are always fp32.
+            The base runs in its own dtype; no autocast region is opened, because autocast
+            would also cast the adapters' fp32 matmuls down (DESIGN.md section 5 keeps
+            adapter math in fp32 and casts only its result to the base dtype). fp16 adds
+            per-adapter dynamic loss scaling.
         quantize: None | ``4bit`` | ``8bit`` (bitsandbytes).
         stop_after_steps: stop after this many global steps as if interrupted (checkpoint
             written); for time-boxed runs and tests.

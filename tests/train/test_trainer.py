@@ -244,3 +244,15 @@ def test_tensorboard_event_files_when_installed(base_model, pairs_file, tmp_path
     pytest.importorskip("tensorboard")
     train(run_config([adapter("tb", pairs_file, num_epochs=1)]), base_model, tmp_path / "out")
     assert list((tmp_path / "out" / "tensorboard" / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_on_gpu(base_model, pairs_file, tmp_path, dtype):
+    cfg = run_config([adapter("gpu", pairs_file, batch_size=8, micro_batch_size=4, num_epochs=20, lr=2e-2)])
+    summary = train(cfg, base_model, tmp_path / "out", dtype=dtype, device="cuda")
+    assert summary.adapters["gpu"].status == "finished"
+    assert next(summary.model.parameters()).device.type == "cuda"
+    stepped = [r for r in metrics(tmp_path / "out", "gpu") if "event" not in r]
+    assert stepped and stepped[-1]["loss"] < 0.7 * stepped[0]["loss"]
