@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,7 @@ class AdapterData:
         self.steps_per_epoch = math.ceil(len(examples) / batch_size)
         self.total_steps = num_epochs * self.steps_per_epoch
         self._order_cache: tuple[int, list[int]] | None = None
+        self._fingerprint: str | None = None
 
     def order(self, epoch: int) -> list[int]:
         """Example indices of `epoch`: a seeded permutation; with ``group_by_length`` each
@@ -143,13 +145,15 @@ class AdapterData:
         return pos.epoch * per_epoch + pos.batch * per_batch + pos.micro
 
     def fingerprint(self) -> str:
-        """A digest of the token ids and labels, to refuse resuming on different data."""
-        h = hashlib.sha256()
-        for e in self.examples:
-            h.update(len(e.input_ids).to_bytes(4, "little"))
-            h.update(bytes(str(e.input_ids), "ascii"))
-            h.update(bytes(str(e.labels), "ascii"))
-        return h.hexdigest()[:16]
+        """A digest of the token ids and labels, to refuse resuming on different data (computed once)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for e in self.examples:
+                h.update(len(e.input_ids).to_bytes(4, "little"))
+                h.update(array("q", e.input_ids).tobytes())
+                h.update(array("q", e.labels).tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
 
 def micro_batches_per_epoch(n: int, batch_size: int, micro_batch_size: int) -> int:
