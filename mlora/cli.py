@@ -1,7 +1,8 @@
 """Command line of mlora: ``gen``, ``run``, ``evaluate`` and ``avail`` (launch.py) and ``train.py CONFIG``.
 
 Each subcommand is one small function taking the parsed arguments and returning an exit status:
-0 done, 2 bad input (config problems, bad flags; no traceback), 3 valid but not runnable yet.
+0 done, 1 some adapter stopped during training, 2 bad input (config problems, bad flags, missing
+data or model; no traceback), 130 interrupted (a checkpoint was saved; continue with --resume).
 This module imports only the standard library and ``mlora.config``, so a config is validated
 before torch or a model is loaded.
 """
@@ -22,7 +23,6 @@ from mlora.config import CASUAL_TASK, ConfigError, LoraConfig, MixLoraConfig, Ru
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
-EXIT_NOT_BUILT = 3
 EXIT_TRAIN_FAILED = 1
 EXIT_INTERRUPTED = 130
 

@@ -13,6 +13,7 @@ from mlora.config import LoraConfig, MixLoraConfig, load_config
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = str(REPO / "launch.py")
 TRAIN = str(REPO / "train.py")
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 def cli(cwd, *args, script=LAUNCH):
@@ -232,12 +233,12 @@ def test_run_reports_json_syntax_errors_and_missing_files(tmp_path):
     assert_user_error(cli(tmp_path, "run", "--base_model", "m"), "mlora.json: file not found")
 
 
-def test_run_with_a_valid_config_says_training_is_not_built(tmp_path):
-    gen(tmp_path, "--template", "mixlora", "--tasks", "arc-e")
-    result = cli(tmp_path, "run", "--base_model", "some/model", "--dtype", "bf16", "--seed", "1")
-    assert result.returncode == 3, result.stderr
+def test_run_with_a_valid_config_reports_a_missing_base_model(tmp_path):
+    gen(tmp_path, "--template", "mixlora", "--tasks", "arc-e", "--data_path", str(FIXTURES / "arc-e"))
+    result = cli(tmp_path, "run", "--base_model", str(tmp_path / "no-such-model"), "--dtype", "bf16", "--seed", "1")
+    assert result.returncode == 2, result.stderr
     assert "valid" in result.stdout and "arc_e_0" in result.stdout
-    assert "not built" in result.stderr and "Traceback" not in result.stderr
+    assert "no-such-model does not exist" in result.stderr and "Traceback" not in result.stderr
     assert_user_error(cli(tmp_path, "run"), "--base_model is required")
     assert_user_error(cli(tmp_path, "run", "--base_model", "m", "--dtype", "fp8"), "--dtype")
 
@@ -257,9 +258,9 @@ def test_run_validates_before_importing_torch(tmp_path):
 
 
 def test_train_py_does_the_same_as_run(tmp_path):
-    gen(tmp_path, "--template", "lora", "--tasks", "boolq", "--file_name", "c.json")
-    result = cli(tmp_path, "c.json", "--base_model", "m", script=TRAIN)
-    assert result.returncode == 3 and "not built" in result.stderr
+    gen(tmp_path, "--template", "lora", "--tasks", "boolq", "--file_name", "c.json", "--data_path", str(FIXTURES / "boolq"))
+    result = cli(tmp_path, "c.json", "--base_model", str(tmp_path / "absent"), script=TRAIN)
+    assert result.returncode == 2 and "absent does not exist" in result.stderr
     (tmp_path / "bad.json").write_text('{"lora": [{"name": "a", "task_name": "boolq", "lr": -1}]}')
     assert_user_error(cli(tmp_path, "bad.json", "--base_model", "m", script=TRAIN), "lora[0].lr: expected a value > 0")
     help_text = cli(tmp_path, "--help", script=TRAIN).stdout

@@ -4,9 +4,12 @@ The quickstart needs data that ships with the package and that a small model can
 a few dozen steps, so that training visibly moves the scores above the base model's. The
 items quiz an invented language ("Vell"): each invented word means one common English word.
 No pretrained model knows the lexicon (the base model scores near chance), and every item
-exercises the same lexicon, so the adapters can learn it. Rows follow the hub schemas of
-ARC-Easy (``question``, ``choices{text,label}``, ``answerKey``) and BoolQ (``question``,
-``passage``, ``answer``), so they load through the ordinary task registry.
+exercises the same lexicon, so the adapters can learn it: ARC-Easy rows ask for a word's
+meaning, OpenBookQA rows for the word with a given meaning. Rows follow the hub schemas
+(ARC: ``question``, ``choices{text,label}``, ``answerKey``; OpenBookQA: ``question_stem``,
+``choices{text,label}``, ``answerKey``), so they load through the ordinary task registry.
+(A yes/no form in BoolQ's schema stayed at chance for SmolLM2-135M after 40 steps, where
+these two reached 100%; see docs/benchmarks.md.)
 
 Generation is deterministic for a given seed.
 """
@@ -27,8 +30,12 @@ _QUESTIONS = (
     "A Vell speaker says '{w}'. What are they talking about?",
     "Which thing is called '{w}' in Vell?",
 )
-_PASSAGE = "Vell is a language spoken by traders on a far northern coast. Its words sound nothing like English."
-SAMPLE_TASKS = {"arc-e": "test", "boolq": "validation"}  # task -> its eval split
+_REVERSE = (
+    "Which Vell word means {m}?",
+    "How do you say {m} in the Vell language?",
+    "In Vell, the word for {m} is which of these?",
+)
+SAMPLE_TASKS = {"arc-e": "test", "obqa": "test"}  # task -> its eval split
 
 
 def _arc_rows(rng: random.Random, n: int) -> list[dict]:
@@ -49,14 +56,20 @@ def _arc_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
-def _boolq_rows(rng: random.Random, n: int) -> list[dict]:
-    words, meanings = list(LEXICON), sorted(set(LEXICON.values()))
+def _obqa_rows(rng: random.Random, n: int) -> list[dict]:
+    words = list(LEXICON)
     rows = []
-    for _ in range(n):
+    for i in range(n):
         word = rng.choice(words)
-        truth = rng.random() < 0.5
-        meaning = LEXICON[word] if truth else rng.choice([m for m in meanings if m != LEXICON[word]])
-        rows.append({"question": f"does the vell word {word} mean {meaning}", "passage": _PASSAGE, "answer": truth})
+        options = rng.sample([w for w in words if w != word], 3) + [word]
+        rng.shuffle(options)
+        labels = ["A", "B", "C", "D"]
+        rows.append({
+            "id": f"vell-obqa-{i}",
+            "question_stem": rng.choice(_REVERSE).format(m=LEXICON[word]),
+            "choices": {"text": options, "label": labels},
+            "answerKey": labels[options.index(word)],
+        })
     return rows
 
 
@@ -68,7 +81,7 @@ def write_sample_data(folder: str | Path, *, n_train: int = 96, n_eval: int = 36
     rng = random.Random(seed)
     out = {}
     for task, eval_split in SAMPLE_TASKS.items():
-        make = _arc_rows if task == "arc-e" else _boolq_rows
+        make = _arc_rows if task == "arc-e" else _obqa_rows
         task_dir = Path(folder) / task
         task_dir.mkdir(parents=True, exist_ok=True)
         for split, n in (("train", n_train), (eval_split, n_eval)):

@@ -96,8 +96,10 @@ class MultiAdapterModel(nn.Module):
         """
         if cfg.name in self.configs:
             raise AdapterError(f"adapter {cfg.name!r} is already loaded")
-        if "." in cfg.name:
-            raise AdapterError(f"adapter name {cfg.name!r} must not contain '.'")
+        if "." in cfg.name or hasattr(nn.ModuleDict(), cfg.name):
+            # Adapters are keys of nn.ModuleDicts: no dots, no names of Module attributes.
+            raise AdapterError(f"adapter name {cfg.name!r} cannot be used: it must not contain '.' nor be a "
+                               "torch Module attribute (train, eval, half, to, ...); rename the adapter")
         layers = decoder_layers(self.model)
         missing = [t for t in cfg.target_modules if _find_projection(layers[0], t) is None]
         if missing:

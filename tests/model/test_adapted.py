@@ -169,6 +169,8 @@ def test_bad_adapters_are_refused():
     with pytest.raises(AdapterError, match=r"target module\(s\) \['c_attn'\] not found.*available"):
         adapted.add_adapter(lora_cfg("b", target_modules=["q_proj", "c_attn"]))
     assert "b" not in adapted.configs
+    with pytest.raises(AdapterError, match="'train' cannot be used"):
+        adapted.add_adapter(lora_cfg("train"))
     with pytest.raises(AdapterError, match="not loaded"):
         adapted.remove_adapter("nope")
 
