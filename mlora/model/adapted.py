@@ -12,6 +12,7 @@ layout says which contiguous rows belong to which adapter.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from mlora.model.context import AdapterContext, BatchLayout
 from mlora.model.lora import LoraLinear
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_WRAPPER_PARTS = re.compile(r"\.(base_mlp|base_layer)(?=\.|$)")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -162,6 +164,9 @@ class MultiAdapterModel(nn.Module):
 
         found = {}
         for path, module in self.model.named_modules():
+            # Paths as transformers names the modules: other adapters' wrappers (a MixLoRA FFN
+            # around a LoRA-wrapped projection) must not change this adapter's keys or files.
+            path = _WRAPPER_PARTS.sub("", path)
             if isinstance(module, LoraLinear) and name in module.adapters:
                 found[path] = module.adapters[name]
             elif isinstance(module, MixLoraFFN) and name in module.moes:

@@ -157,3 +157,21 @@ def test_incomplete_expert_weights_are_reported(tmp_path):
     with pytest.raises(AdapterFileError, match="missing.*layers.1.mlp.experts.up_proj.lora_B"):
         load_adapter(fresh, tmp_path)
     assert not fresh.configs
+
+
+def test_a_lora_adapter_saves_the_same_beside_a_mixlora_adapter(tmp_path):
+    from mlora.io import read_weights
+    from tests.model.helpers import lora_cfg
+
+    alone = MultiAdapterModel(tiny_model())
+    alone.add_adapter(lora_cfg("l", target_modules=["q_proj", "gate_proj", "down_proj"]), seed=1)
+    beside = MultiAdapterModel(tiny_model())
+    beside.add_adapter(moe_cfg("m"), seed=0)
+    beside.add_adapter(lora_cfg("l", target_modules=["q_proj", "gate_proj", "down_proj"]), seed=1)
+    assert set(alone.adapter_parameters("l")) == set(beside.adapter_parameters("l"))
+    save_adapter(alone, "l", tmp_path / "alone")
+    save_adapter(beside, "l", tmp_path / "beside")
+    a, b = read_weights(tmp_path / "alone"), read_weights(tmp_path / "beside")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight" in a
+    load_adapter(beside, tmp_path / "alone", name="l2")  # and it loads next to the MixLoRA too
