@@ -329,6 +329,56 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ parsers
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Train a LoRA and a MixLoRA adapter together on built-in sample data over a real pretrained
+    model (SmolLM2-135M-Instruct by default), score them and the base model, print one table."""
+    import logging
+
+    from mlora.data import DataError
+    from mlora.evaluate import EvaluationError
+    from mlora.io import AdapterFileError
+    from mlora.model.adapted import AdapterError
+    from mlora.model.loading import ModelLoadError
+    from mlora.quickstart import run_quickstart
+    from mlora.train import TrainError
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return run_quickstart(args)
+    except (TrainError, DataError, ModelLoadError, AdapterError, AdapterFileError, EvaluationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Fold a saved LoRA or DoRA adapter into a copy of its base weights and save a plain
+    transformers model (and tokenizer) that needs no mlora to load."""
+    from mlora.io import AdapterFileError, load_adapter, merged_model, read_adapter_config
+    from mlora.model.adapted import AdapterError, MultiAdapterModel
+    from mlora.model.loading import ModelLoadError, load_base_model
+
+    try:
+        cfg, stored = read_adapter_config(args.adapter)
+        base = args.base_model or stored
+        if not base:
+            raise AdapterFileError(f"{args.adapter}: adapter_config.json names no base model; pass --base_model")
+        if cfg.is_moe:
+            raise AdapterFileError(f"{args.adapter} is a MixLoRA adapter: routed experts cannot be folded into dense "
+                                   "weights; load it with MixLoraModelForCausalLM.from_pretrained instead")
+        model, tokenizer = load_base_model(base, dtype=args.dtype, device="cpu")
+        adapted = MultiAdapterModel(model)
+        load_adapter(adapted, args.adapter, cfg)
+        merged = merged_model(adapted, cfg.name)
+    except (AdapterFileError, AdapterError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    merged.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"merged {args.adapter} into {base}: {args.output_dir}")
+    return EXIT_OK
+
+
 def _help_of(key: str) -> str:
     fields = {f.name: f for f in dataclasses.fields(MixLoraConfig)}
     fields.update({f.name: f for f in dataclasses.fields(RunConfig)})
@@ -358,7 +408,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python launch.py gen --template mixlora --tasks 'arc-e;boolq' && "
         "python launch.py run --base_model meta-llama/Llama-2-7b-hf",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{gen,run,evaluate,avail}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{quickstart,gen,run,evaluate,merge,avail}")
+
+    quick = sub.add_parser("quickstart", help="the whole framework on a small real model, in minutes",
+                           description=cmd_quickstart.__doc__)  # fmt: skip
+    quick.add_argument("--base_model", help="Use this model instead of SmolLM2-135M-Instruct (hub id, folder or .gguf).")
+    quick.add_argument("--output_dir", default="./output/quickstart",
+                       help="Where data, config, adapters, logs and results go (default: ./output/quickstart).")  # fmt: skip
+    quick.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="Compute dtype of the base model "
+                       "(default: bf16 on a CUDA GPU that supports it, else fp32).")  # fmt: skip
+    quick.add_argument("--device", help="Device, e.g. cpu, cuda (default: cuda when available, else cpu).")
+    quick.add_argument("--seed", type=int, default=42, help="Random seed (default: 42).")
+    quick.add_argument("--no_progress", action="store_true", help="No progress bars (for logs).")
+    quick.set_defaults(func=cmd_quickstart)
 
     gen = sub.add_parser("gen", help="write a run config from a template", description=cmd_gen.__doc__)
     gen.add_argument("--template", required=True, help="Template name (see `avail`) or a run-config .json path.")
@@ -406,6 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quantize", choices=["4bit", "8bit"], help="Load the base model quantized with bitsandbytes.")
     ev.add_argument("--device", help="Device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu).")
     ev.set_defaults(func=cmd_evaluate)
+
+    merge = sub.add_parser("merge", help="fold a LoRA/DoRA adapter into its base and save a plain model",
+                           description=cmd_merge.__doc__)  # fmt: skip
+    merge.add_argument("--adapter", required=True, help="Saved adapter folder (output_dir/<name>).")
+    merge.add_argument("--output_dir", required=True, help="Where the merged transformers model is written.")
+    merge.add_argument("--base_model", help="Base model (default: the one named in the adapter config).")
+    merge.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="dtype of the merged weights (default: fp32).")  # fmt: skip
+    merge.set_defaults(func=cmd_merge)
 
     avail = sub.add_parser("avail", help="list templates and tasks", description=cmd_avail.__doc__)
     avail.set_defaults(func=cmd_avail)

@@ -240,7 +240,7 @@ class MixLoraConfig(LoraConfig):
     expert_capacity: int = _f(32, "Tokens per expert (mixlora-switch); overflow gets the frozen FFN.")
     jitter_noise: float = _f(0.0, "Multiplicative router-input noise while training.", ge=0)
     act_fn: Optional[str] = _f(None, "Expert activation; null = the base model's.")
-    ffn_dropout: float = _f(0.0, "Dropout inside the experts (mixlora-switch).", ge=0, lt=1)
+    ffn_dropout: float = _f(0.0, "Dropout on the routed FFN output while training (mixlora-switch).", ge=0, lt=1)
     sparse_step: Optional[int] = _f(None, "Experts only on every n-th layer (plain LoRA FFN elsewhere); null = all.", ge=1)
     expert_lora: Optional[ExpertLoraConfig] = _f(None, "Expert LoRA settings overriding the adapter's.")
 
