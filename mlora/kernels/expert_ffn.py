@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mlora.kernels import lora as lora_kernels
+
 
 @dataclass
 class ExpertLoraWeights:
@@ -64,9 +66,7 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 
 
 def _mask(shape, p: float, like: torch.Tensor) -> torch.Tensor | None:
-    if p <= 0:
-        return None
-    return torch.empty(shape, device=like.device).bernoulli_(1.0 - p).to(torch.bool)
+    return lora_kernels.dropout_mask(shape, p, like.device) if p > 0 else None
 
 
 def _apply_mask(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
