@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.interference import cpu_seconds, other_cpu_share
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Random-weight Llama shapes (nothing is downloaded). `tiny` keeps a small vocabulary so that
@@ -324,6 +326,7 @@ def run_job(job: dict) -> dict:
     _sync(job["device"])
     built_mb = memory.current_mb()  # model, adapters, optimizer state and allocator caches
     memory.start()
+    cpu_before, wall_before = cpu_seconds(), time.perf_counter()
     times = []
     for i in range(job["steps"]):
         batch = batches[(job["warmup"] + i) % len(batches)]
@@ -333,6 +336,7 @@ def run_job(job: dict) -> dict:
         _sync(job["device"])
         times.append(time.perf_counter() - t0)
     peak = memory.peak_mb()
+    other = other_cpu_share(cpu_before, cpu_seconds(), time.perf_counter() - wall_before)
 
     step = statistics.median(times)
     tokens = job["micro_batch"] * job["seq"]
@@ -350,6 +354,7 @@ def run_job(job: dict) -> dict:
         matmul_params=n_matmul,
         achieved_gflops=flops * tokens / step / 1e9,
         trainable_params=trainer.trainable(),
+        other_cpu_share=other,
         losses=losses,
     )
     if job.get("profile_dir"):
