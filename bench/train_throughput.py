@@ -233,7 +233,8 @@ def format_report(report: dict) -> str:
              f"code: {m['git']}; machine: {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['torch']}, "
              f"transformers {m['transformers']}, peft {m['peft']}; load average before/after: "
              f"{report['load_before']} / {report['load_after']}",
-             "matmul peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in report["matmul_peak_gflops"].items())]
+             "matmul peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in report["matmul_peak_gflops"].items())
+             + _other_note(report.get("matmul_peak_other_cpu_share"))]
     other = report.get("other_cpu_share")
     if other is not None:
         lines.append(f"other processes used {100 * other:.0f}% of the CPUs during the whole run "
@@ -265,6 +266,10 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _other_note(share) -> str:
+    return "" if share is None else f" (other processes: {100 * share:.0f}% of the CPUs)"
+
+
 def _columns(rows) -> list[str]:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     out = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -286,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     print(f"measuring the matmul peak ({', '.join(args.dtypes)}) ...", flush=True)
-    peak = run_worker({"kind": "peak", "dtypes": args.dtypes, "sizes": args.peak_sizes,
-                       "device": args.device, "threads": args.threads}, isolate)
+    peak = measure({"kind": "peak", "dtypes": args.dtypes, "sizes": args.peak_sizes,
+                    "device": args.device, "threads": args.threads}, isolate, args.wait_quiet, args.retries)
     peaks = {p["dtype"]: p["gflops"] for p in peak.get("peaks", [])}
     if not peaks:
         print(f"matmul peak failed: {peak.get('reason')}", file=sys.stderr)
@@ -314,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 time.perf_counter() - started),
         "matmul_peak_gflops": peaks,
         "matmul_peak_detail": peak.get("peaks", []),
+        "matmul_peak_other_cpu_share": peak.get("other_cpu_share"),
         "results": results,
         "targets": evaluate_targets(results, args.dtypes),
         "target_note": TARGET_NOTE,

@@ -393,8 +393,10 @@ def measure_matmul_peak(dtype: str, sizes: list[int], device: str, threads: int,
 def main_inline(job: dict) -> dict:
     """Run one job (``kind`` "peak" or "train") in this process."""
     if job["kind"] == "peak":
-        return {"peaks": [measure_matmul_peak(d, job["sizes"], job["device"], job["threads"])
-                          for d in job["dtypes"]]}
+        cpu_before, wall_before = cpu_seconds(), time.perf_counter()
+        peaks = [measure_matmul_peak(d, job["sizes"], job["device"], job["threads"]) for d in job["dtypes"]]
+        other = other_cpu_share(cpu_before, cpu_seconds(), time.perf_counter() - wall_before)
+        return {"status": "ok", "peaks": peaks, "other_cpu_share": other}
     return run_job(job)
 
 
