@@ -65,8 +65,8 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _mask(shape, p: float, like: torch.Tensor) -> torch.Tensor | None:
-    return lora_kernels.dropout_mask(shape, p, like.device) if p > 0 else None
+def _mask(shape, p: float, like: torch.Tensor, generator) -> torch.Tensor | None:
+    return lora_kernels.dropout_mask(shape, p, like.device, generator) if p > 0 else None
 
 
 def _apply_mask(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
@@ -168,7 +168,8 @@ class _ExpertFFN(torch.autograd.Function):
 def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.Tensor,
                weight: torch.Tensor, counts: list[int], act_fn,
                gate: ExpertLoraWeights | None, up: ExpertLoraWeights | None,
-               down: ExpertLoraWeights | None, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               down: ExpertLoraWeights | None, training: bool,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed expert LoRA of one segment, memory-lean.
 
     Args:
@@ -176,15 +177,15 @@ def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.T
         token: ``(M,)`` token of each pair, pairs sorted by expert; counts: pairs per expert.
         weight: ``(M,)`` fp32 routing weight of each pair (differentiable: the router learns).
         act_fn: the experts' activation; gate/up/down: the projections' expert LoRA or None.
-        training: dropout masks are drawn only in training.
+        training: dropout masks are drawn only in training, from `generator` (default: global RNG).
     Returns:
         ``mixed (N, I)`` fp32 and ``extra (N, H)`` fp32 (see the module docstring).
     """
     m = token.shape[0]
     p_x = max([p.dropout for p in (gate, up) if p is not None], default=0.0)
     masks = (
-        _mask((m, x.shape[1]), p_x, x) if training else None,
-        _mask((m, g.shape[1]), down.dropout, x) if training and down is not None else None,
+        _mask((m, x.shape[1]), p_x, x, generator) if training else None,
+        _mask((m, g.shape[1]), down.dropout, x, generator) if training and down is not None else None,
     )
     params = [t for p in (gate, up, down) if p is not None for t in (p.A, p.B)]
     return _ExpertFFN.apply(x, g, u, weight, token, counts, act_fn, (gate, up, down), masks, *params)

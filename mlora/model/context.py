@@ -39,12 +39,16 @@ class BatchLayout:
             ``(logits (N, E) fp32, token mask (N,) bool | None)``, one entry per layer.
         record: MixLoRA layers append to `router_logits` only while True; it is switched
             off after the forward so recomputation under checkpointing does not append twice.
+        generators: adapter name -> its own random stream for dropout masks and router
+            jitter. With one stream per adapter, an adapter's masks do not depend on which
+            adapters share its batch. Adapters without one use the global RNG.
     """
 
     segments: tuple[Segment, ...]
     token_mask: torch.Tensor | None = None
     router_logits: dict[str, list] = field(default_factory=dict)
     record: bool = True
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
 
     @staticmethod
     def from_sizes(names_and_sizes, token_mask=None) -> "BatchLayout":
@@ -66,6 +70,10 @@ class AdapterContext:
     def __init__(self):
         self.layout: BatchLayout | None = None
         self.default_adapter: str | None = None
+
+    def generator(self, name: str) -> torch.Generator | None:
+        """Adapter `name`'s random stream in the current layout (None: the global RNG)."""
+        return self.layout.generators.get(name) if self.layout is not None else None
 
     def segments(self, batch_size: int) -> tuple[Segment, ...]:
         if self.layout is not None:
@@ -90,8 +98,12 @@ class AdapterContext:
         the forward it replays, not whatever is current when backward runs.
         """
         layout = self.layout
+        # torch restores the global RNG for the replay; the adapters' own streams too.
+        states = {n: g.get_state() for n, g in layout.generators.items()} if layout is not None else {}
 
         def replay(*inner):
+            for name, state in states.items():
+                layout.generators[name].set_state(state)
             with self.using(layout):
                 return function(*inner)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.kernels.lora import lora_delta
+from mlora.kernels.lora import dropout_mask, lora_delta
 from mlora.model.context import AdapterContext
 from mlora.model.quant import dense_weight, linear_features
 
@@ -66,15 +66,20 @@ class LoraAdapter(nn.Module):
         # Detached as in the DoRA paper (section 4.3): the norm is a constant in backward.
         return self.magnitude / merged.norm(p=2, dim=1).detach()
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        """The adapted output for rows ``x (..., in)`` whose frozen output is ``base_out (..., out)``."""
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """The adapted output for rows ``x (..., in)`` whose frozen output is ``base_out (..., out)``.
+
+        `generator` draws the dropout mask (default: the global RNG).
+        """
         dropped = self.dropout > 0.0 and self.training
         if not self.use_dora:
-            delta = lora_delta(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout, self.training)
+            delta = lora_delta(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout,
+                               self.training, generator)
             return base_out + delta.to(base_out.dtype)
         h = x.float()
         if dropped:
-            h = F.dropout(h, self.dropout, training=True)
+            h = h * dropout_mask(h.shape, self.dropout, h.device, generator) / (1.0 - self.dropout)
         delta = self.lora_product(h)
         weight = dense_weight(base_layer)
         scale = self.dora_scale(weight)
@@ -136,15 +141,17 @@ class LoraLinear(nn.Module):
         segments = [s for s in self.context.segments(x.shape[0]) if s.name in self.adapters]
         if not segments:
             return out
+        gen = self.context.generator
         if len(segments) == 1 and segments[0].start == 0 and segments[0].end == x.shape[0]:
-            return self.adapters[segments[0].name](x, out, self.base_layer)
+            name = segments[0].name
+            return self.adapters[name](x, out, self.base_layer, gen(name))
         # One piece per segment (and per gap between segments), joined once: no per-row work.
         pieces, position = [], 0
         for seg in segments:
             if seg.start > position:
                 pieces.append(out[position:seg.start])
             rows = slice(seg.start, seg.end)
-            pieces.append(self.adapters[seg.name](x[rows], out[rows], self.base_layer))
+            pieces.append(self.adapters[seg.name](x[rows], out[rows], self.base_layer, gen(seg.name)))
             position = seg.end
         if position < x.shape[0]:
             pieces.append(out[position:])

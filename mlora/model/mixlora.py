@@ -31,6 +31,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from mlora.kernels.expert_ffn import ExpertLoraWeights, expert_ffn
+from mlora.kernels.lora import dropout_mask
 from mlora.model.context import AdapterContext
 from mlora.model.lora import LoraLinear
 from mlora.model.quant import dense_weight, linear_features
@@ -86,11 +87,13 @@ class ExpertLora(nn.Module):
         """``m_e / ||W + s B_e A_e||_row`` ``(E, out)``, the norm detached (DoRA paper, 4.3)."""
         return self.magnitude / self._merged_norms(dense_weight(base_layer))
 
-    def _drop(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.dropout, training=True) if self.dropout > 0 and self.training else x
+    def _drop(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        if not (self.dropout > 0 and self.training):
+            return x
+        return x * dropout_mask(x.shape, self.dropout, x.device, generator) / (1.0 - self.dropout)
 
     def grouped(self, x: torch.Tensor, base_out: torch.Tensor, counts: list[int],
-                experts: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+                experts: torch.Tensor, scale: torch.Tensor | None, generator=None) -> torch.Tensor:
         """Adapted outputs of routed pairs sorted by expert.
 
         Args:
@@ -102,7 +105,7 @@ class ExpertLora(nn.Module):
         Returns:
             ``(M, out)`` fp32: ``W x + s B_e A_e drop(x)``, DoRA-rescaled when enabled.
         """
-        h = self._drop(x)
+        h = self._drop(x, generator)
         pieces, start = [], 0
         for e, n in enumerate(counts):
             if n:
@@ -113,9 +116,10 @@ class ExpertLora(nn.Module):
         out = base_out + delta
         return out * scale[experts] if scale is not None else out
 
-    def single(self, e: int, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def single(self, e: int, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module,
+               generator=None) -> torch.Tensor:
         """Expert `e` alone on ``x (n, in)`` with frozen output ``base_out (n, out)``: the reference."""
-        out = base_out + (self._drop(x) @ self.lora_A[e].T @ self.lora_B[e].T) * self.scaling
+        out = base_out + (self._drop(x, generator) @ self.lora_A[e].T @ self.lora_B[e].T) * self.scaling
         if self.use_dora:
             out = out * self.dora_scale(base_layer)[e]
         return out
@@ -238,34 +242,35 @@ class MixLoraMoe(nn.Module):
     def dora_down(self) -> bool:
         return "down_proj" in self.experts and self.experts["down_proj"].use_dora
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def router_logits(self, x: torch.Tensor, generator=None) -> torch.Tensor:
         """``(N, E)`` fp32 logits for tokens ``x (N, hidden)``; jitter noise only in training."""
         h = x.float()
         if self.training and self.cfg.jitter_noise > 0:
             # Noise on the router's input only, so the frozen projections stay shared.
             j = self.cfg.jitter_noise
-            h = h * torch.empty_like(h).uniform_(1.0 - j, 1.0 + j)
+            h = h * torch.empty_like(h).uniform_(1.0 - j, 1.0 + j, generator=generator)
         return self.moe_gate(h)
 
-    def routing(self, x: torch.Tensor, seq_len: int, token_mask: torch.Tensor | None):
-        logits = self.router_logits(x)
+    def routing(self, x: torch.Tensor, seq_len: int, token_mask: torch.Tensor | None, generator=None):
+        logits = self.router_logits(x, generator)
         c = self.cfg
         r = route(logits, c.routing_strategy, top_k=c.top_k, top_p=c.top_p, temperature=c.temperature,
                   capacity=c.expert_capacity, seq_len=seq_len, token_mask=token_mask)
         return logits, r
 
-    def forward(self, x, g, u, mlp, seq_len, token_mask):
+    def forward(self, x, g, u, mlp, seq_len, token_mask, generator=None):
         """Shared-base MoE for one segment's N tokens.
 
         Args:
             x: ``(N, hidden)`` FFN input; g, u: ``(N, inter)`` frozen gate/up outputs of x.
             mlp: the wrapped FFN (for its frozen ``down`` and activation).
+            generator: this adapter's random stream (jitter, dropout); None: the global RNG.
         Returns:
             ``(mixed, extra, logits)``: ``mixed (N, inter)`` = sum_e w_e a_e (the frozen down's
             input), ``extra (N, hidden)`` fp32 to add after the frozen down (or, for a DoRA
             down, the whole output, with ``mixed`` zero), and the router logits ``(N, E)``.
         """
-        logits, r = self.routing(x, seq_len, token_mask)
+        logits, r = self.routing(x, seq_len, token_mask, generator)
         order = torch.argsort(r.expert, stable=True)
         token, expert, weight = r.token[order], r.expert[order], r.weight[order, None]
         counts = torch.bincount(expert, minlength=self.cfg.num_experts).tolist()
@@ -275,9 +280,9 @@ class MixLoraMoe(nn.Module):
             lora = {p: ExpertLoraWeights(ex.lora_A, ex.lora_B, ex.scaling, ex.dropout)
                     for p, ex in self.experts.items()}
             mixed, extra = expert_ffn(x, g, u, token, weight[:, 0], counts, self.act_fn, lora.get("gate_proj"),
-                                      lora.get("up_proj"), lora.get("down_proj"), self.training)
+                                      lora.get("up_proj"), lora.get("down_proj"), self.training, generator)
         else:
-            mixed, extra = self._dora_pairs(x, g, u, token, expert, weight, counts, mlp)
+            mixed, extra = self._dora_pairs(x, g, u, token, expert, weight, counts, mlp, generator)
         if r.dropped is not None and bool(r.dropped.any()):
             # Switch overflow (and padding): the frozen FFN, untouched by experts.
             idx = r.dropped.nonzero().squeeze(1)
@@ -288,40 +293,41 @@ class MixLoraMoe(nn.Module):
                 mixed = mixed.index_add(0, idx, base_act)
         return mixed, extra, logits
 
-    def _dora_pairs(self, x, g, u, token, expert, weight, counts, mlp):
+    def _dora_pairs(self, x, g, u, token, expert, weight, counts, mlp, generator):
         """MixDoRA experts through plain autograd: ``(mixed (N, I), extra (N, H))`` fp32."""
         xs = x[token].float()
-        gs = self._grouped("gate_proj", xs, g[token].float(), counts, expert, mlp)
-        us = self._grouped("up_proj", xs, u[token].float(), counts, expert, mlp)
+        gs = self._grouped("gate_proj", xs, g[token].float(), counts, expert, mlp, generator)
+        us = self._grouped("up_proj", xs, u[token].float(), counts, expert, mlp, generator)
         act = self.act_fn(gs) * us                                            # (M, inter)
         mixed = act.new_zeros(x.shape[0], act.shape[1])
         extra = act.new_zeros(x.shape[0], x.shape[1])
         down = _base(mlp.down_proj)
         if self.dora_down:
             # Per-pair frozen down: DoRA's per-expert row scale is not linear across experts.
-            out = self._grouped("down_proj", act, down(act.to(g.dtype)).float(), counts, expert, mlp)
+            out = self._grouped("down_proj", act, down(act.to(g.dtype)).float(), counts, expert, mlp, generator)
             extra = extra.index_add(0, token, weight * out)
         else:
             mixed = mixed.index_add(0, token, weight * act)
             if "down_proj" in self.experts:
-                lora = self._grouped("down_proj", act, act.new_zeros(act.shape[0], x.shape[1]), counts, expert, mlp)
+                lora = self._grouped("down_proj", act, act.new_zeros(act.shape[0], x.shape[1]), counts, expert, mlp,
+                                     generator)
                 extra = extra.index_add(0, token, weight * lora)
         return mixed, extra
 
-    def _grouped(self, proj, inp, frozen, counts, expert, mlp):
+    def _grouped(self, proj, inp, frozen, counts, expert, mlp, generator=None):
         """Frozen outputs of routed pairs plus their experts' LoRA/DoRA (unchanged if untargeted)."""
         if proj not in self.experts:
             return frozen
         ex = self.experts[proj]
         scale = ex.dora_scale(_base(getattr(mlp, proj))) if ex.use_dora else None
-        return ex.grouped(inp, frozen, counts, expert, scale)
+        return ex.grouped(inp, frozen, counts, expert, scale, generator)
 
-    def reference_forward(self, x, mlp, seq_len, token_mask):
+    def reference_forward(self, x, mlp, seq_len, token_mask, generator=None):
         """The plain per-expert MoE (frozen projections recomputed per expert): the reference.
 
         ``x (N, hidden)`` -> ``((N, hidden) output, (N, E) router logits)``.
         """
-        logits, r = self.routing(x, seq_len, token_mask)
+        logits, r = self.routing(x, seq_len, token_mask, generator)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
 
         def project(proj, e, inp):
@@ -329,7 +335,7 @@ class MixLoraMoe(nn.Module):
             frozen = base(inp.to(x.dtype)).float()
             if proj not in self.experts:
                 return frozen
-            return self.experts[proj].single(e, inp.float(), frozen, base)
+            return self.experts[proj].single(e, inp.float(), frozen, base, generator)
 
         for e in range(self.cfg.num_experts):
             pick = r.expert == e
@@ -405,7 +411,7 @@ class MixLoraFFN(nn.Module):
             mask = self._segment_mask(seg, seq_len)
             mixed, extra, logits = self.moes[seg.name](
                 h[rows].reshape(n, hidden), g[rows].reshape(n, -1), u[rows].reshape(n, -1),
-                mlp, seq_len, mask)
+                mlp, seq_len, mask, self.context.generator(seg.name))
             self._record(seg.name, logits, mask)
             acts.append(mixed.to(g.dtype).view(seg.end - seg.start, seq_len, -1))
             extras[seg] = extra.view(seg.end - seg.start, seq_len, hidden)
@@ -423,15 +429,17 @@ class MixLoraFFN(nn.Module):
             moe = self.moes[seg.name]
             # A DoRA down computed the whole segment output per expert (see MixLoraMoe.forward).
             seg_out = extra.to(y.dtype) if moe.dora_down else y[seg.start:seg.end] + extra.to(y.dtype)
-            pieces.append(self._ffn_dropout(moe, seg_out))
+            pieces.append(self._ffn_dropout(moe, seg_out, self.context.generator(seg.name)))
             position = seg.end
         if position < batch:
             pieces.append(y[position:])
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
-    def _ffn_dropout(self, moe: MixLoraMoe, out: torch.Tensor) -> torch.Tensor:
+    def _ffn_dropout(self, moe: MixLoraMoe, out: torch.Tensor, generator) -> torch.Tensor:
         p = moe.cfg.ffn_dropout if moe.cfg.routing_strategy == "mixlora-switch" else 0.0
-        return F.dropout(out, p, training=True) if p > 0 and self.training else out
+        if not (p > 0 and self.training):
+            return out
+        return out * dropout_mask(out.shape, p, out.device, generator) / (1.0 - p)
 
     def _reference(self, h: torch.Tensor, segments) -> torch.Tensor:
         batch, seq_len, hidden = h.shape
@@ -443,9 +451,10 @@ class MixLoraFFN(nn.Module):
             n = (seg.end - seg.start) * seq_len
             mask = self._segment_mask(seg, seq_len)
             moe = self.moes[seg.name]
-            y, logits = moe.reference_forward(h[seg.start:seg.end].reshape(n, hidden), self.base_mlp, seq_len, mask)
+            gen = self.context.generator(seg.name)
+            y, logits = moe.reference_forward(h[seg.start:seg.end].reshape(n, hidden), self.base_mlp, seq_len, mask, gen)
             self._record(seg.name, logits, mask)
-            pieces.append(self._ffn_dropout(moe, y.to(h.dtype).view(seg.end - seg.start, seq_len, hidden)))
+            pieces.append(self._ffn_dropout(moe, y.to(h.dtype).view(seg.end - seg.start, seq_len, hidden), gen))
             position = seg.end
         if position < batch:
             pieces.append(out[position:])

@@ -100,7 +100,7 @@ class AdapterData:
         transformers' length-grouped sampler, so batches hold similar lengths yet vary."""
         if self._order_cache is not None and self._order_cache[0] == epoch:
             return self._order_cache[1]
-        gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
         order = torch.randperm(len(self.examples), generator=gen).tolist()
         if self.group_by_length:
             mega = 50 * self.batch_size
@@ -162,7 +162,7 @@ def micro_batches_per_epoch(n: int, batch_size: int, micro_batch_size: int) -> i
     return full * math.ceil(batch_size / micro_batch_size) + math.ceil(last / micro_batch_size)
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values) -> int:
     """A 63-bit seed from several integers (stable across processes, unlike `hash`)."""
     digest = hashlib.sha256(",".join(str(v) for v in values).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -171,12 +171,12 @@ def _mix(*values: int) -> int:
 def adapter_seed(run_seed: int, name: str) -> int:
     """The seed of adapter `name` (init, data order): it depends on the name, not on the
     adapter's place in the config, so an adapter trained alone or beside others starts alike."""
-    return _mix(run_seed, name)
+    return mix_seed(run_seed, name)
 
 
 def step_seed(run_seed: int, global_step: int) -> int:
     """The seed of the global RNG for one training step (dropout): reproducible on resume."""
-    return _mix(run_seed, "step", global_step)
+    return mix_seed(run_seed, "step", global_step)
 
 
 @dataclass

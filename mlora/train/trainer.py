@@ -52,6 +52,7 @@ from mlora.train.data import (
     collate_mixed,
     micro_batches_per_epoch,
     read_examples,
+    mix_seed,
     step_seed,
     tokenize,
 )
@@ -184,7 +185,10 @@ def fit(run: Run, progress: Progress) -> bool:
                                   run.pad_id)
             labels = batch.labels.to(run.device)
 
-            torch.manual_seed(step_seed(run.seed, run.dispatcher.step))  # dropout masks, reproducible on resume
+            torch.manual_seed(step_seed(run.seed, run.dispatcher.step))
+            # Each adapter draws its dropout masks and router jitter from its own stream, seeded by
+            # its own data position: the same whichever adapters share the batch, and on resume.
+            batch.layout.generators = {n: adapter_generator(run.active[n], run.device) for n in chosen}
             out = run.model(batch.input_ids.to(run.device), batch.attention_mask.to(run.device), batch.layout)
             total = None
             for seg in batch.layout.segments:
@@ -232,6 +236,12 @@ def fit(run: Run, progress: Progress) -> bool:
             progress.update(len(chosen), batch.tokens / max(elapsed, 1e-9), memory_gb(run.device))
             if checkpoint_due and (run.active or run.dispatcher.waiting):
                 save_checkpoint(run)
+
+
+def adapter_generator(ar: AdapterRun, device: torch.device) -> torch.Generator:
+    """The random stream of one adapter's micro-batch, a function of (adapter seed, data position)."""
+    pos = ar.position
+    return torch.Generator(device=device).manual_seed(mix_seed(ar.seed, "dropout", pos.epoch, pos.batch, pos.micro))
 
 
 def adapter_loss(ar: AdapterRun, logits: torch.Tensor, labels: torch.Tensor, router_entries, rows: int):

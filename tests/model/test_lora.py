@@ -60,7 +60,7 @@ def test_dropout_gradients_are_exact_for_the_same_mask(monkeypatch):
     x = torch.randn(4, 6, 12)
     mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) < 0.7
     # The layer draws its mask through this seam; hand it a known one.
-    monkeypatch.setattr("mlora.kernels.lora.dropout_mask", lambda shape, p, device: mask)
+    monkeypatch.setattr("mlora.kernels.lora.dropout_mask", lambda shape, p, device, generator=None: mask)
     y = layer(x)
     A = ad.lora_A.weight.detach().clone().requires_grad_(True)
     B = ad.lora_B.weight.detach().clone().requires_grad_(True)

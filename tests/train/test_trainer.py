@@ -122,6 +122,25 @@ def test_adapters_trained_together_equal_each_trained_alone(base_model, pairs_fi
         assert any(single[k].abs().sum() > 0 for k in single if "lora_B" in k)
 
 
+def test_dropout_and_jitter_do_not_depend_on_batch_neighbours(base_model, pairs_file, other_pairs_file, tmp_path):
+    """Each adapter draws dropout masks and router jitter from its own stream, so with dropout on
+    an adapter trained beside another still ends exactly where it ends alone."""
+    a = adapter("a", pairs_file, lora_dropout=0.2)
+    b = adapter("b", other_pairs_file, lora_dropout=0.3, routing_strategy="mixlora", num_experts=3, top_k=2,
+                jitter_noise=0.1, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
+    together = train(run_config([b, a]), base_model, tmp_path / "both")
+    alone_a = train(run_config([a]), base_model, tmp_path / "a")
+    alone_b = train(run_config([b]), base_model, tmp_path / "b")
+    for name, alone in (("a", alone_a), ("b", alone_b)):
+        mixed, single = weights(together.adapters[name].folder), weights(alone.adapters[name].folder)
+        for key in single:
+            torch.testing.assert_close(mixed[key], single[key], rtol=1e-4, atol=1e-6)
+    # and dropout is really on: without it the weights differ
+    no_drop = train(run_config([adapter("a", pairs_file)]), base_model, tmp_path / "nodrop")
+    key = next(k for k in weights(no_drop.adapters["a"].folder) if "lora_B" in k)
+    assert not torch.allclose(weights(no_drop.adapters["a"].folder)[key], weights(alone_a.adapters["a"].folder)[key])
+
+
 def test_accumulation_weights_micro_batches_like_one_batch(base_model, pairs_file, tmp_path):
     micro = train(run_config([adapter("acc", pairs_file, batch_size=8, micro_batch_size=2, num_epochs=3)]),
                   base_model, tmp_path / "micro")
