@@ -240,13 +240,9 @@ def cmd_avail(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Validate the config, then train every adapter in it, save them and say where they went.
-
-    Exit status: 0 all adapters trained, 1 some adapter stopped (non-finite losses), 2 bad input
-    found before training (config, flags, data, base model, target modules, existing outputs),
-    130 interrupted by Ctrl-C (a checkpoint was saved; continue with --resume).
-    """
+def _config_and_base_model(args: argparse.Namespace) -> Optional[RunConfig]:
+    """The validated run config of `run` / `evaluate`, or None after printing every problem
+    (config errors and a missing --base_model together)."""
     problems: Optional[ConfigError] = None
     try:
         cfg: Optional[RunConfig] = load_config(args.config)
@@ -256,7 +252,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_config_error(problems)
     if not args.base_model:
         print("error: --base_model is required (a hub id, a local model folder or a .gguf file)", file=sys.stderr)
-    if problems is not None or not args.base_model:
+    return None if problems is not None or not args.base_model else cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Validate the config, then train every adapter in it, save them and say where they went.
+
+    Exit status: 0 all adapters trained, 1 some adapter stopped (non-finite losses), 2 bad input
+    found before training (config, flags, data, base model, target modules, existing outputs),
+    130 interrupted by Ctrl-C (a checkpoint was saved; continue with --resume).
+    """
+    cfg = _config_and_base_model(args)
+    if cfg is None:
         return EXIT_BAD_INPUT
     print(f"{args.config}: valid, {len(cfg.lora)} adapter(s):")
     for a in cfg.lora:
@@ -296,16 +303,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score saved adapters (or, with --adapter base, the bare base model) on their benchmark tasks,
     print the table and save it as JSON and CSV into --output_dir."""
-    problems: Optional[ConfigError] = None
-    try:
-        cfg: Optional[RunConfig] = load_config(args.config)
-    except ConfigError as err:
-        problems, cfg = err, None
-    if problems is not None:
-        _print_config_error(problems)
-    if not args.base_model:
-        print("error: --base_model is required (a hub id, a local model folder or a .gguf file)", file=sys.stderr)
-    if problems is not None or not args.base_model:
+    cfg = _config_and_base_model(args)
+    if cfg is None:
         return EXIT_BAD_INPUT
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be a positive number of items per task, got {args.limit}")
