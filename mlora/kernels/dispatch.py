@@ -41,26 +41,28 @@ def _triton_for(x: torch.Tensor) -> bool:
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-               dropout: float, training: bool) -> torch.Tensor:
+               dropout: float, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """``s * B A dropout(x)`` for ``x (..., in)``, ``A (r, in)``, ``B (out, r)`` -> ``(..., out)`` fp32.
 
     See `mlora.kernels.lora.lora_delta`; Triton on CUDA, torch otherwise.
     """
     if _triton_for(x):
         from mlora.kernels import triton_lora
-        return triton_lora.lora_delta(x, A, B, scaling, dropout, training)
-    return torch_lora.lora_delta(x, A, B, scaling, dropout, training)
+        return triton_lora.lora_delta(x, A, B, scaling, dropout, training, generator)
+    return torch_lora.lora_delta(x, A, B, scaling, dropout, training, generator)
 
 
 def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.Tensor,
                weight: torch.Tensor, counts: list[int], act_fn,
                gate: torch_expert_ffn.ExpertLoraWeights | None, up: torch_expert_ffn.ExpertLoraWeights | None,
-               down: torch_expert_ffn.ExpertLoraWeights | None, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               down: torch_expert_ffn.ExpertLoraWeights | None, training: bool,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed expert LoRA of one segment: ``mixed (N, I)``, ``extra (N, H)`` fp32.
 
     See `mlora.kernels.expert_ffn.expert_ffn` for the arguments; Triton on CUDA, torch otherwise.
     """
     if _triton_for(x):
         from mlora.kernels import triton_lora
-        return triton_lora.expert_ffn(x, g, u, token, weight, counts, act_fn, gate, up, down, training)
-    return torch_expert_ffn.expert_ffn(x, g, u, token, weight, counts, act_fn, gate, up, down, training)
+        return triton_lora.expert_ffn(x, g, u, token, weight, counts, act_fn, gate, up, down, training, generator)
+    return torch_expert_ffn.expert_ffn(x, g, u, token, weight, counts, act_fn, gate, up, down, training,
+                                       generator)

@@ -380,25 +380,28 @@ def _stack_padded(weights: list[torch.Tensor], rank_dim: int) -> torch.Tensor:
 
 
 def segmented_lora_delta(x: torch.Tensor, segments: list[tuple[int, int, int]], As: list[torch.Tensor],
-                         Bs: list[torch.Tensor], scalings: list[float], dropouts: list[float],
-                         training: bool) -> torch.Tensor:
+                         Bs: list[torch.Tensor], scalings: list[float], dropouts: list[float], training: bool,
+                         generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
     """Many adapters' ``s_i B_i A_i dropout_i(x)`` over their row segments, one launch per product.
 
     Args:
         x: ``(N, in)``; segments: ``(start, end, adapter)`` row ranges, disjoint, adapter an
             index into the lists; As[i]: ``(r_i, in)``; Bs[i]: ``(out, r_i)`` (ranks may differ).
+        generators: adapter i's dropout masks come from ``generators[i]`` (None: the global
+            RNG), drawn segment by segment: the masks of `mlora.kernels.lora.lora_delta`
+            called once per segment in this order with the same generators.
     Returns:
         ``(N, out)`` fp32 delta; rows outside every segment are zero.
     """
     x2 = _rows2d(x)
     keep = [1.0 - p if training and p > 0 else 1.0 for p in dropouts]
     mask = None
-    if any(k < 1.0 for k in keep):
-        # One draw for all rows: each row kept with its own adapter's probability.
-        row_keep = torch.ones(x2.shape[0], 1, device=x.device)
+    if any(keep[a] < 1.0 and end > start for start, end, a in segments):
+        mask = torch.ones(x2.shape, dtype=torch.bool, device=x.device)
         for start, end, a in segments:
-            row_keep[start:end] = keep[a]
-        mask = torch.rand(x2.shape, device=x.device) < row_keep
+            if keep[a] < 1.0:
+                gen = generators[a] if generators is not None else None
+                mask[start:end] = dropout_mask((end - start, x2.shape[1]), dropouts[a], x.device, gen)
     groups = Groups.build([(s, e) for s, e, _ in segments], [a for _, _, a in segments],
                           [scalings[a] for _, _, a in segments], [1.0 / keep[a] for _, _, a in segments], x.device)
     A = _stack_padded(list(As), 0)
@@ -408,10 +411,10 @@ def segmented_lora_delta(x: torch.Tensor, segments: list[tuple[int, int, int]], 
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
-               training: bool) -> torch.Tensor:
+               training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """`mlora.kernels.lora.lora_delta` on Triton: ``s * B A dropout(x)`` for ``x (..., in)``, fp32."""
     x2 = _rows2d(x)
-    mask = dropout_mask(x2.shape, dropout, x.device) if dropout > 0 and training else None
+    mask = dropout_mask(x2.shape, dropout, x.device, generator) if dropout > 0 and training else None
     groups = Groups.build([(0, x2.shape[0])], [0], [scaling], [1.0 / (1.0 - dropout)], x.device)
     z = grouped_shrink(x2, A[None], groups, mask=mask)
     return grouped_expand(z, B[None], groups).reshape(*x.shape[:-1], B.shape[0])
@@ -441,7 +444,8 @@ def _routed(x, g, u, weight, token, groups, act_fn, gate, up, down, masks, n):
 def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.Tensor,
                weight: torch.Tensor, counts: list[int], act_fn,
                gate: ExpertLoraWeights | None, up: ExpertLoraWeights | None,
-               down: ExpertLoraWeights | None, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               down: ExpertLoraWeights | None, training: bool,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`mlora.kernels.expert_ffn.expert_ffn` on Triton: same arguments, values and gradients.
 
     The expert LoRA products run as grouped kernels (gather by token fused into the shrink,
@@ -454,8 +458,8 @@ def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.T
     m = token.shape[0]
     # The same draws, in the same order, as the torch path: one seed gives one set of masks.
     p_x = max([p.dropout for p in (gate, up) if p is not None], default=0.0)
-    mask_x = dropout_mask((m, x.shape[1]), p_x, x.device) if training and p_x > 0 else None
-    mask_a = (dropout_mask((m, g.shape[1]), down.dropout, x.device)
+    mask_x = dropout_mask((m, x.shape[1]), p_x, x.device, generator) if training and p_x > 0 else None
+    mask_a = (dropout_mask((m, g.shape[1]), down.dropout, x.device, generator)
               if training and down is not None and down.dropout > 0 else None)
     bounds, start = [], 0
     for c in counts:
