@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
+from mlora.kernels import lora as lora_kernels
 from mlora.kernels.expert_ffn import ExpertLoraWeights
-from mlora.kernels.lora import dropout_mask
 
 BLOCK_M = 32   # rows per tile (and per step of the weight-gradient reduction)
 BLOCK_K = 64   # reduction step over the wide dimension in shrink
@@ -344,6 +344,9 @@ def grouped_shrink(x: torch.Tensor, A: torch.Tensor, groups: Groups, src: torch.
         ``z (M, r)`` fp32; rows in no group are zero.
     """
     m_rows = (src.shape[0] if src is not None else x.shape[0]) if m_rows is None else m_rows
+    if x.dim() != 2 or A.dim() != 3 or (mask is not None and mask.shape != (m_rows, x.shape[1])):
+        raise ValueError(f"grouped_shrink takes x (rows, in), A (S, r, in), mask (M, in); got x {tuple(x.shape)}, "
+                         f"A {tuple(A.shape)}, mask {None if mask is None else tuple(mask.shape)} with M = {m_rows}")
     src = src.contiguous() if src is not None else None
     mask = mask.contiguous() if mask is not None else None
     return _GroupedShrink.apply(x, A, groups, src, mask, m_rows)
@@ -401,7 +404,7 @@ def segmented_lora_delta(x: torch.Tensor, segments: list[tuple[int, int, int]], 
         for start, end, a in segments:
             if keep[a] < 1.0:
                 gen = generators[a] if generators is not None else None
-                mask[start:end] = dropout_mask((end - start, x2.shape[1]), dropouts[a], x.device, gen)
+                mask[start:end] = lora_kernels.dropout_mask((end - start, x2.shape[1]), dropouts[a], x.device, gen)
     groups = Groups.build([(s, e) for s, e, _ in segments], [a for _, _, a in segments],
                           [scalings[a] for _, _, a in segments], [1.0 / keep[a] for _, _, a in segments], x.device)
     A = _stack_padded(list(As), 0)
@@ -414,7 +417,9 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
                training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """`mlora.kernels.lora.lora_delta` on Triton: ``s * B A dropout(x)`` for ``x (..., in)``, fp32."""
     x2 = _rows2d(x)
-    mask = dropout_mask(x2.shape, dropout, x.device, generator) if dropout > 0 and training else None
+    mask = None
+    if dropout > 0 and training:
+        mask = lora_kernels.dropout_mask(x.shape, dropout, x.device, generator).reshape(x2.shape)
     groups = Groups.build([(0, x2.shape[0])], [0], [scaling], [1.0 / (1.0 - dropout)], x.device)
     z = grouped_shrink(x2, A[None], groups, mask=mask)
     return grouped_expand(z, B[None], groups).reshape(*x.shape[:-1], B.shape[0])
@@ -458,8 +463,8 @@ def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.T
     m = token.shape[0]
     # The same draws, in the same order, as the torch path: one seed gives one set of masks.
     p_x = max([p.dropout for p in (gate, up) if p is not None], default=0.0)
-    mask_x = dropout_mask((m, x.shape[1]), p_x, x.device, generator) if training and p_x > 0 else None
-    mask_a = (dropout_mask((m, g.shape[1]), down.dropout, x.device, generator)
+    mask_x = lora_kernels.dropout_mask((m, x.shape[1]), p_x, x.device, generator) if training and p_x > 0 else None
+    mask_a = (lora_kernels.dropout_mask((m, g.shape[1]), down.dropout, x.device, generator)
               if training and down is not None and down.dropout > 0 else None)
     bounds, start = [], 0
     for c in counts:
@@ -473,4 +478,5 @@ def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.T
 
     if not torch.is_grad_enabled():
         return routed(x, g, u, weight)
-    return checkpoint(routed, x, g, u, weight, use_reentrant=False)
+    # No random draws inside: the RNG state need not be stashed for the recomputation.
+    return checkpoint(routed, x, g, u, weight, use_reentrant=False, preserve_rng_state=False)

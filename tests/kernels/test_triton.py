@@ -233,6 +233,13 @@ def test_expert_ffn_without_grad_matches_the_torch_path():
             torch.testing.assert_close(a, b, **TIGHT)
 
 
+def test_grouped_shrink_names_the_shapes_it_refuses():
+    groups = Groups.build([(0, 2)], [0], [1.0], [1.0], DEVICE)
+    x, A = torch.ones(2, 3, device=DEVICE), torch.ones(1, 1, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"mask \(1, 2, 3\)"):
+        grouped_shrink(x, A, groups, mask=torch.ones(1, 2, 3, dtype=torch.bool, device=DEVICE))
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -283,3 +290,4 @@ def test_many_tiles_and_contended_atomics_on_cuda(dtype):
     inputs = (x, g, u, weight, *[t for p in proj for t in (p.A, p.B)])
     for a, b, leaf in zip(grads(ours, inputs), grads(ref, inputs), inputs):
         torch.testing.assert_close(a, b, **(LOOSE if leaf.dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-3}))
+
