@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.kernels.lora import dropout_mask, lora_delta
+from mlora.kernels.dispatch import lora_delta  # Triton on CUDA, the torch path elsewhere
+from mlora.kernels.lora import dropout_mask
 from mlora.model.context import AdapterContext
 from mlora.model.quant import dense_weight, linear_features
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from mlora.kernels.expert_ffn import ExpertLoraWeights, expert_ffn
+from mlora.kernels.dispatch import expert_ffn  # Triton on CUDA, the torch path elsewhere
+from mlora.kernels.expert_ffn import ExpertLoraWeights
 from mlora.kernels.lora import dropout_mask
 from mlora.model.context import AdapterContext
 from mlora.model.lora import LoraLinear
