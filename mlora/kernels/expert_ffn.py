@@ -36,27 +36,45 @@ class ExpertLoraWeights:
     dropout: float
 
 
-def _grouped(x: torch.Tensor, W: torch.Tensor, counts: list[int], transpose: bool) -> torch.Tensor:
-    """Rows of ``x (M, k)`` grouped by expert times ``W[e]^T`` (or ``W[e]`` if not transpose)."""
-    pieces, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            w = W[e].T if transpose else W[e]
-            pieces.append(x[start:start + n] @ w)
-        start += n
-    if not pieces:
-        return x.new_zeros(x.shape[0], W.shape[1] if transpose else W.shape[2])
-    return torch.cat(pieces)
-
-
-def _grouped_outer(dy: torch.Tensor, x: torch.Tensor, counts: list[int], like: torch.Tensor) -> torch.Tensor:
-    """Per expert ``dy_e^T @ x_e`` stacked like `like` ``(E, out, in)``: the weight gradients."""
-    grad = torch.zeros_like(like)
+def _spans(counts: list[int]):
+    """``(expert, start, stop)`` of every non-empty expert group."""
     start = 0
     for e, n in enumerate(counts):
         if n:
-            grad[e] = dy[start:start + n].T @ x[start:start + n]
+            yield e, start, start + n
         start += n
+
+
+def _shrink(x: torch.Tensor, A: torch.Tensor, counts: list[int], keep: float) -> torch.Tensor:
+    """``x_e @ A_e^T / keep`` per expert group: ``(M, in) -> (M, r)``."""
+    z = x.new_zeros(x.shape[0], A.shape[1])
+    for e, a, b in _spans(counts):
+        torch.mm(x[a:b], A[e].T, out=z[a:b])
+    # The dropout rescale is applied to the rank-r result, not to the wide input.
+    return z if keep == 1.0 else z.mul_(1.0 / keep)
+
+
+def _expand_add_(buf: torch.Tensor, z: torch.Tensor, B: torch.Tensor, counts: list[int], alpha: float) -> torch.Tensor:
+    """In place ``buf_e += alpha * z_e @ B_e^T`` per expert group (one fused GEMM each)."""
+    for e, a, b in _spans(counts):
+        buf[a:b].addmm_(z[a:b], B[e].T, alpha=alpha)
+    return buf
+
+
+def _times(z: torch.Tensor, W: torch.Tensor, counts: list[int], transpose: bool) -> torch.Tensor:
+    """``z_e @ W_e^T`` (or ``z_e @ W_e``) per expert group into one new ``(M, k)`` tensor."""
+    width = W.shape[1] if transpose else W.shape[2]
+    out = z.new_zeros(z.shape[0], width)
+    for e, a, b in _spans(counts):
+        torch.mm(z[a:b], W[e].T if transpose else W[e], out=out[a:b])
+    return out
+
+
+def _outer(dy: torch.Tensor, x: torch.Tensor, counts: list[int], like: torch.Tensor) -> torch.Tensor:
+    """Per expert ``dy_e^T @ x_e`` stacked like `like` ``(E, out, in)``: the weight gradients."""
+    grad = torch.zeros_like(like)
+    for e, a, b in _spans(counts):
+        torch.mm(dy[a:b].T, x[a:b], out=grad[e])
     return grad
 
 
@@ -69,8 +87,8 @@ def _mask(shape, p: float, like: torch.Tensor, generator) -> torch.Tensor | None
     return lora_kernels.dropout_mask(shape, p, like.device, generator) if p > 0 else None
 
 
-def _apply_mask(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
-    return x if mask is None else x * mask * (1.0 / (1.0 - p))
+def _keep(mask: torch.Tensor | None, p: float) -> float:
+    return 1.0 - p if mask is not None else 1.0
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -78,39 +96,37 @@ class _ExpertFFN(torch.autograd.Function):
     def forward(ctx, x, g, u, weight, token, counts, act_fn, projections, masks, *params):
         gate, up, down = projections
         acc = _acc(x)
-        xs = x[token].to(acc)
-        out = _ExpertFFN._pairs(xs, g, u, token, counts, act_fn, gate, up, down, masks)
-        a, zd = out["a"], out["zd"]
-        w = weight[:, None]
-        mixed = torch.zeros(x.shape[0], a.shape[1], dtype=acc, device=x.device)
-        mixed.index_add_(0, token, w * a)
+        out = _ExpertFFN._pairs(x, g, u, token, counts, act_fn, gate, up, down, masks, acc)
+        w = weight[:, None].to(acc)
+        mixed = torch.zeros(x.shape[0], g.shape[1], dtype=acc, device=x.device)
+        mixed.index_add_(0, token, out["a"] * w)
         extra = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)
         if down is not None:
-            extra.index_add_(0, token, w * (_grouped(zd, down.B, counts, True) * down.scaling))
+            # The routing weight and scaling ride on the rank-r factor, not the wide output.
+            extra.index_add_(0, token, _times(out["zd"] * (w * down.scaling), down.B, counts, True))
         ctx.save_for_backward(x, g, u, weight, token, *[m for m in masks if m is not None])
         ctx.mask_present = [m is not None for m in masks]
         ctx.counts, ctx.act_fn, ctx.projections = counts, act_fn, projections
         return mixed, extra
 
     @staticmethod
-    def _pairs(xs, g, u, token, counts, act_fn, gate, up, down, masks):
-        """Per-pair tensors ``(M, ...)`` in fp32; what forward computes and backward recomputes."""
+    def _pairs(x, g, u, token, counts, act_fn, gate, up, down, masks, acc):
+        """Per-pair tensors ``(M, ...)``; what forward computes and backward recomputes."""
         mask_x, mask_a = masks
-        out = {}
-        gs, us = g[token].to(xs.dtype), u[token].to(xs.dtype)
-        for name, proj, base in (("g", gate, gs), ("u", up, us)):
-            if proj is None:
-                out[name] = base
-                continue
-            z = _grouped(_apply_mask(xs, mask_x, proj.dropout), proj.A, counts, True)
-            out["z" + name] = z
-            out[name] = base + _grouped(z, proj.B, counts, True) * proj.scaling
+        xs = x[token].to(acc)
+        xm = xs * mask_x if mask_x is not None else xs
+        out = {"xm": xm}
+        for name, proj, base in (("g", gate, g), ("u", up, u)):
+            value = base[token].to(acc)                  # a gathered copy: safe to add into
+            if proj is not None:
+                z = out["z" + name] = _shrink(xm, proj.A, counts, _keep(mask_x, proj.dropout))
+                _expand_add_(value, z, proj.B, counts, proj.scaling)
+            out[name] = value
         out["act_g"] = act_fn(out["g"])
         out["a"] = out["act_g"] * out["u"]
-        out["zd"] = None
         if down is not None:
-            out["da"] = _apply_mask(out["a"], mask_a, down.dropout)
-            out["zd"] = _grouped(out["da"], down.A, counts, True)
+            out["am"] = out["a"] * mask_a if mask_a is not None else out["a"]
+            out["zd"] = _shrink(out["am"], down.A, counts, _keep(mask_a, down.dropout))
         return out
 
     @staticmethod
@@ -124,37 +140,37 @@ class _ExpertFFN(torch.autograd.Function):
         it = iter(saved_masks)
         masks = [next(it) if present else None for present in ctx.mask_present]
         counts, act_fn, (gate, up, down) = ctx.counts, ctx.act_fn, ctx.projections
-        xs = x[token].to(acc)
-        out = _ExpertFFN._pairs(xs, g, u, token, counts, act_fn, gate, up, down, masks)
-        w = weight[:, None]
-        gm = grad_mixed[token]                                     # (M, I)
-        grad_w = (gm * out["a"]).sum(-1)
-        grad_a = w * gm
+        out = _ExpertFFN._pairs(x, g, u, token, counts, act_fn, gate, up, down, masks, acc)
+        w = weight[:, None].to(acc)
+        gm = grad_mixed[token].to(acc)                             # (M, I)
+        grad_w = torch.linalg.vecdot(gm, out["a"])
+        grad_a = gm.mul_(w)                                        # gm is a gathered copy
         grads = {}
         if down is not None:
-            ge = grad_extra[token]                                 # (M, H)
-            lora_d = _grouped(out["zd"], down.B, counts, True) * down.scaling
-            grad_w = grad_w + (ge * lora_d).sum(-1)
-            d_lora = w * ge * down.scaling                         # d(loss)/d(B_d z_d)
-            grads["dB"] = _grouped_outer(d_lora, out["zd"], counts, down.B)
-            d_zd = _grouped(d_lora, down.B, counts, False)         # (M, r)
-            grads["dA"] = _grouped_outer(d_zd, out["da"], counts, down.A)
-            grad_a = grad_a + _apply_mask(_grouped(d_zd, down.A, counts, False), masks[1], down.dropout)
+            ge = grad_extra[token].to(acc)                         # (M, H)
+            geB = _times(ge, down.B, counts, False)                # (M, r): ge_e @ B_e
+            grad_w = grad_w + (geB * out["zd"]).sum(-1) * down.scaling
+            grads["dB"] = _outer(ge, out["zd"] * (w * down.scaling), counts, down.B)
+            d_zd = geB * (w * (down.scaling / _keep(masks[1], down.dropout)))
+            grads["dA"] = _outer(d_zd, out["am"], counts, down.A)
+            grad_am = _times(d_zd, down.A, counts, False)          # (M, I)
+            grad_a += grad_am.mul_(masks[1]) if masks[1] is not None else grad_am
         grad_u = grad_a * out["act_g"]
         with torch.enable_grad():
             gs = out["g"].detach().requires_grad_(True)
-            (grad_g,) = torch.autograd.grad(act_fn(gs), gs, grad_a * out["u"])
-        grad_xs = torch.zeros_like(xs)
+            (grad_g,) = torch.autograd.grad(act_fn(gs), gs, grad_a.mul_(out["u"]))
+        grad_xs = None
         for name, proj, grad in (("g", gate, grad_g), ("u", up, grad_u)):
             if proj is None:
                 continue
-            d_lora = grad * proj.scaling
-            grads[name + "B"] = _grouped_outer(d_lora, out["z" + name], counts, proj.B)
-            d_z = _grouped(d_lora, proj.B, counts, False)
-            dropped_x = _apply_mask(xs, masks[0], proj.dropout)
-            grads[name + "A"] = _grouped_outer(d_z, dropped_x, counts, proj.A)
-            grad_xs = grad_xs + _apply_mask(_grouped(d_z, proj.A, counts, False), masks[0], proj.dropout)
-        grad_x = torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(0, token, grad_xs)
+            grads[name + "B"] = _outer(grad, out["z" + name] * proj.scaling, counts, proj.B)
+            d_z = _times(grad, proj.B, counts, False).mul_(proj.scaling / _keep(masks[0], proj.dropout))
+            grads[name + "A"] = _outer(d_z, out["xm"], counts, proj.A)
+            grad_in = _times(d_z, proj.A, counts, False)           # (M, H)
+            grad_xs = grad_in if grad_xs is None else grad_xs.add_(grad_in)
+        grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
+        if grad_xs is not None:
+            grad_x.index_add_(0, token, grad_xs.mul_(masks[0]) if masks[0] is not None else grad_xs)
         grad_gin = torch.zeros(g.shape, dtype=acc, device=g.device).index_add_(0, token, grad_g)
         grad_uin = torch.zeros(u.shape, dtype=acc, device=u.device).index_add_(0, token, grad_u)
         param_grads = []
