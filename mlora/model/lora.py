@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.kernels.dispatch import lora_delta  # Triton on CUDA, the torch path elsewhere
+from mlora.kernels.dispatch import lora_delta, segmented_lora_delta  # Triton on CUDA, torch elsewhere
 from mlora.kernels.lora import dropout_mask
 from mlora.model.context import AdapterContext
 from mlora.model.quant import dense_weight, linear_features
@@ -143,12 +143,24 @@ class LoraLinear(nn.Module):
         if not segments:
             return out
         gen = self.context.generator
-        if len(segments) == 1 and segments[0].start == 0 and segments[0].end == x.shape[0]:
-            name = segments[0].name
-            return self.adapters[name](x, out, self.base_layer, gen(name))
-        # One piece per segment (and per gap between segments), joined once: no per-row work.
+        lora = [s for s in segments if not self.adapters[s.name].use_dora]
+        if lora:
+            # All plain-LoRA segments in one autograd node over the flattened rows.
+            names = list(dict.fromkeys(s.name for s in lora))
+            index = {n: i for i, n in enumerate(names)}
+            per_row = x[0].numel() // x.shape[-1]          # tokens per batch row
+            ads = [self.adapters[n] for n in names]
+            delta = segmented_lora_delta(
+                x.reshape(-1, x.shape[-1]), [(s.start * per_row, s.end * per_row, index[s.name]) for s in lora],
+                [a.lora_A.weight for a in ads], [a.lora_B.weight for a in ads], [a.scaling for a in ads],
+                [a.dropout for a in ads], self.training, [gen(n) for n in names])
+            out = out + delta.view(out.shape).to(out.dtype)
+        dora = [s for s in segments if self.adapters[s.name].use_dora]
+        if not dora:
+            return out
+        # DoRA rescales rows by its own norms: one piece per DoRA segment, joined once.
         pieces, position = [], 0
-        for seg in segments:
+        for seg in dora:
             if seg.start > position:
                 pieces.append(out[position:seg.start])
             rows = slice(seg.start, seg.end)
@@ -156,7 +168,7 @@ class LoraLinear(nn.Module):
             position = seg.end
         if position < x.shape[0]:
             pieces.append(out[position:])
-        return torch.cat(pieces, dim=0)
+        return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={list(self.adapters)}"

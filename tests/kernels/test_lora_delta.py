@@ -41,3 +41,28 @@ def test_gradients_are_exact_by_finite_differences(dropout):
         return lora_delta(x, A, B, 0.7, dropout, training=True)
 
     assert torch.autograd.gradcheck(fn, (x, A, B), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_segmented_deltas_equal_one_call_per_segment(dropout):
+    from mlora.kernels.lora import segmented_lora_delta
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 6, generator=gen, requires_grad=True)
+    As = [torch.randn(r, 6, generator=gen, requires_grad=True) for r in (2, 3)]
+    Bs = [torch.randn(5, r, generator=gen, requires_grad=True) for r in (2, 3)]
+    segments = [(0, 3, 1), (3, 3, 0), (4, 7, 0), (7, 10, 1)]   # an empty segment, row 3 uncovered
+    gens = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+    ours = segmented_lora_delta(x, segments, As, Bs, [0.5, 2.0], [dropout, dropout], True, gens)
+    gens = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+    ref = torch.zeros(10, 5)
+    for start, end, i in segments:
+        if end > start:
+            ref = ref.index_add(0, torch.arange(start, end),
+                                lora_delta(x[start:end], As[i], Bs[i], [0.5, 2.0][i], dropout, True, gens[i]))
+    torch.testing.assert_close(ours, ref)
+    assert torch.equal(ours[3], torch.zeros(5))
+    g = torch.randn_like(ref)
+    leaves = [x, *As, *Bs]
+    for a, b in zip(torch.autograd.grad((ours * g).sum(), leaves), torch.autograd.grad((ref * g).sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

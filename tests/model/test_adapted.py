@@ -35,7 +35,7 @@ def dense_reference_logits(plain, adapted, name, ids, mask=None):
     return out.logits, leaves
 
 
-def assert_rel_close(actual, expected, tol=1e-4):
+def assert_rel_close(actual, expected, tol=3e-4):
     """Close relative to the tensor's norm: gradients here reach the hundreds, so fp32
     reordering noise is judged against their size, not element by element."""
     assert actual is not None

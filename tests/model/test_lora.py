@@ -69,8 +69,9 @@ def test_dropout_gradients_are_exact_for_the_same_mask(monkeypatch):
     torch.testing.assert_close(y, ref)
     (y.square().sum()).backward()
     (ref.square().sum()).backward()
-    torch.testing.assert_close(ad.lora_A.weight.grad, A.grad)
-    torch.testing.assert_close(ad.lora_B.weight.grad, B.grad)
+    # fp32 sums in another order: compare at a few ulps of gradients in the tens.
+    torch.testing.assert_close(ad.lora_A.weight.grad, A.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ad.lora_B.weight.grad, B.grad, rtol=1e-5, atol=1e-4)
 
 
 def test_dropout_is_off_in_eval():
