@@ -127,12 +127,15 @@ class OurTrainer:
         from mlora.model.context import BatchLayout
         from mlora.model.mixlora import router_aux_loss
 
+        from mlora.train.trainer import token_losses
+
         layout = BatchLayout.from_sizes(self.sizes)
         out = self.model(input_ids, attention_mask, layout)
+        per_token = token_losses(out.logits, labels)  # the trainer's loss: no per-adapter logits slices
         losses = []
         for cfg, seg in zip(self.cfgs, layout.segments):
             rows = slice(seg.start, seg.end)
-            loss = F.cross_entropy(out.logits[rows].float().flatten(0, 1), labels[rows].flatten())
+            loss = per_token[rows].mean()
             if cfg.name in out.router_logits:
                 loss = loss + router_aux_loss(cfg, out.router_logits[cfg.name])
             losses.append(loss)
@@ -267,14 +270,18 @@ def _annotate_modules(model: nn.Module) -> list:
     return handles
 
 
-def profile_steps(trainer, batches, job: dict, path: Path, steps: int = 2) -> None:
-    """Profile `steps` training steps; write the op tables (self time, then total time) to `path`."""
+def profile_steps(trainer, batches, job: dict, path: Path, steps: int = 2) -> float | None:
+    """Profile `steps` training steps; write the op tables (self time, then total time) to `path`.
+
+    Returns the CPU share other processes took meanwhile (also written in the file's header).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if job["device"].startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
     handles = _annotate_modules(trainer.model)
+    cpu_before, wall_before = cpu_seconds(), time.perf_counter()
     try:
         with profile(activities=activities) as prof:
             for i in range(steps):
@@ -283,17 +290,20 @@ def profile_steps(trainer, batches, job: dict, path: Path, steps: int = 2) -> No
     finally:
         for h in handles:
             h.remove()
+    other = other_cpu_share(cpu_before, cpu_seconds(), time.perf_counter() - wall_before)
     key = "self_cuda_time_total" if job["device"].startswith("cuda") else "self_cpu_time_total"
     averages = prof.key_averages()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.write(f"# {job['config']} {job['shape']} {job['dtype']} seq={job['seq']} "
-                f"micro_batch={job['micro_batch']}: {steps} profiled steps\n\n")
+                f"micro_batch={job['micro_batch']} threads={job['threads']}: {steps} profiled steps; "
+                f"other processes took {other} of the CPUs meanwhile\n\n")
         f.write("## ops by self time\n")
         f.write(averages.table(sort_by=key, row_limit=30))
         f.write("\n\n## ranges and ops by total time (## rows are annotated phases and blocks)\n")
         f.write(averages.table(sort_by=key.replace("self_", ""), row_limit=30))
         f.write("\n")
+    return other
 
 
 # ----------------------------------------------------------------------------- the job
@@ -360,7 +370,7 @@ def run_job(job: dict) -> dict:
     if job.get("profile_dir"):
         name = f"{job['shape']}-{job['dtype']}-seq{job['seq']}-b{job['micro_batch']}-{job['config']}.txt"
         path = Path(job["profile_dir"]) / name
-        profile_steps(trainer, batches, job, path)
+        result["profile_other_cpu_share"] = profile_steps(trainer, batches, job, path)
         result["profile"] = str(path)
     return result
 

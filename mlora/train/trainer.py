@@ -190,6 +190,7 @@ def fit(run: Run, progress: Progress) -> bool:
             # its own data position: the same whichever adapters share the batch, and on resume.
             batch.layout.generators = {n: adapter_generator(run.active[n], run.device) for n in chosen}
             out = run.model(batch.input_ids.to(run.device), batch.attention_mask.to(run.device), batch.layout)
+            losses = token_losses(out.logits, labels)
             total = None
             for seg in batch.layout.segments:
                 ar = run.active[seg.name]
@@ -197,8 +198,7 @@ def fit(run: Run, progress: Progress) -> bool:
                 ar.acc_tokens += int(batch.attention_mask[rows].sum())
                 if ar.acc_bad:
                     continue  # this batch's step is skipped anyway
-                loss, aux = adapter_loss(ar, out.logits[rows], labels[rows], out.router_logits.get(seg.name),
-                                         seg.end - seg.start)
+                loss, aux = adapter_loss(ar, losses[rows], out.router_logits.get(seg.name), seg.end - seg.start)
                 if not bool(torch.isfinite(loss + aux)):
                     ar.acc_bad = True  # left out of the backward; its step will be skipped
                     continue
@@ -244,11 +244,25 @@ def adapter_generator(ar: AdapterRun, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(mix_seed(ar.seed, "dropout", pos.epoch, pos.batch, pos.micro))
 
 
-def adapter_loss(ar: AdapterRun, logits: torch.Tensor, labels: torch.Tensor, router_entries, rows: int):
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every position of the whole batch, ``(B, T)`` fp32 (0 where no loss).
+
+    Position t predicts token t + 1: the labels are shifted, not the logits, so the
+    ``(B, T, V)`` logits are neither copied nor sliced per adapter (slicing them under autograd
+    would give each adapter a full-size zero-filled gradient in backward).
+    """
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits.reshape(-1, vocab).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="none").view(labels.shape)
+
+
+def adapter_loss(ar: AdapterRun, token_loss: torch.Tensor, router_entries, rows: int):
     """One adapter's contribution from its rows of the batch.
 
     Args:
-        logits: ``(b, T, V)`` this adapter's rows; labels: ``(b, T)``, -100 where no loss.
+        token_loss: ``(b, T)`` this adapter's rows of `token_losses` (0 where no loss).
         router_entries: this adapter's MixLoRA router outputs (None for LoRA).
         rows: b, this micro-batch's rows.
     Returns:
@@ -256,11 +270,7 @@ def adapter_loss(ar: AdapterRun, logits: torch.Tensor, labels: torch.Tensor, rou
         divided by the target tokens of the whole optimizer batch, and the router loss
         weighted by the micro-batch's share of the batch's rows.
     """
-    vocab = logits.shape[-1]
-    # Position t predicts token t + 1; padding and prompt tokens carry -100.
-    token_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
-    loss = token_loss / max(ar.data.batch_targets(ar.position), 1)
+    loss = token_loss.sum() / max(ar.data.batch_targets(ar.position), 1)
     aux = torch.zeros((), device=loss.device)
     if getattr(ar.cfg, "is_moe", False) and getattr(ar.cfg, "router_loss", False) and router_entries:
         from mlora.model import mixlora
