@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(shape=args.shape, seq=args.seq, micro_batch=args.micro_batch, steps=args.steps,
                   warmup=args.warmup, device=args.device, threads=args.threads, grad_ckpt=args.grad_ckpt,
                   lora_dropout=args.lora_dropout, seed=args.seed, profile_dir=profile_dir)
+    machine = machine_info(args.device, args.threads)  # before the jobs: the commit they measure
     load_before = _load()
     cpu_before = cpu_seconds(children=True)
     started = time.perf_counter()
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "no_isolate")},
         "isolated_processes": isolate,
-        "machine": machine_info(args.device, args.threads),
+        "machine": machine,
         "load_before": load_before,
         "load_after": _load(),
         "wall_s": round(time.perf_counter() - started, 1),
