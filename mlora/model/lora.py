@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.kernels.dispatch import lora_delta, segmented_lora_delta  # Triton on CUDA, torch elsewhere
+from mlora.kernels.dispatch import segmented_lora_delta  # Triton on CUDA, torch elsewhere
 from mlora.kernels.lora import dropout_mask
 from mlora.model.context import AdapterContext
 from mlora.model.quant import dense_weight, linear_features
@@ -69,15 +69,14 @@ class LoraAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """The adapted output for rows ``x (..., in)`` whose frozen output is ``base_out (..., out)``.
+        """The DoRA-adapted output for rows ``x (..., in)`` whose frozen output is ``base_out (..., out)``.
 
-        `generator` draws the dropout mask (default: the global RNG).
+        Plain LoRA adapters do not come here: `LoraLinear` runs all of them in one segmented
+        call. `generator` draws the dropout mask (default: the global RNG).
         """
-        dropped = self.dropout > 0.0 and self.training
         if not self.use_dora:
-            delta = lora_delta(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout,
-                               self.training, generator)
-            return base_out + delta.to(base_out.dtype)
+            raise RuntimeError("plain LoRA adapters run through LoraLinear's segmented path")
+        dropped = self.dropout > 0.0 and self.training
         h = x.float()
         if dropped:
             h = h * dropout_mask(h.shape, self.dropout, h.device, generator) / (1.0 - self.dropout)
