@@ -5,7 +5,8 @@
 figures do not mix. Every configuration trains the same random-weight Llama shape on the
 same random batches:
 
-    step = forward + cross-entropy on random labels (+ router aux loss for MixLoRA)
+    step = forward + cross-entropy on random labels (the trainer's `token_losses`, one over
+           the whole batch, each adapter the mean over its rows) (+ router aux loss for MixLoRA)
            + backward + AdamW step over the adapter parameters (one optimizer per adapter)
 
 Configurations:
@@ -87,6 +88,16 @@ def model_flops_per_token(model: nn.Module, seq: int) -> tuple[float, int]:
     return 4.0 * n + attention, n
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The trainer's loss, ``(B, T)`` fp32: one cross-entropy over the whole batch, labels shifted.
+
+    Ours and peft both use it, so the loss costs the same in every configuration.
+    """
+    from mlora.train.trainer import token_losses as trainer_token_losses
+
+    return trainer_token_losses(logits, labels)
+
+
 def _our_configs(config: str, k: int, lora_dropout: float):
     from mlora.config import LoraConfig, MixLoraConfig
 
@@ -127,15 +138,12 @@ class OurTrainer:
         from mlora.model.context import BatchLayout
         from mlora.model.mixlora import router_aux_loss
 
-        from mlora.train.trainer import token_losses
-
         layout = BatchLayout.from_sizes(self.sizes)
         out = self.model(input_ids, attention_mask, layout)
-        per_token = token_losses(out.logits, labels)  # the trainer's loss: no per-adapter logits slices
+        per_token = token_losses(out.logits, labels)
         losses = []
         for cfg, seg in zip(self.cfgs, layout.segments):
-            rows = slice(seg.start, seg.end)
-            loss = per_token[rows].mean()
+            loss = per_token[seg.start:seg.end].mean()  # slicing (B, T) losses, not (B, T, V) logits
             if cfg.name in out.router_logits:
                 loss = loss + router_aux_loss(cfg, out.router_logits[cfg.name])
             losses.append(loss)
@@ -163,7 +171,7 @@ class PeftTrainer:
 
     def forward_loss(self, input_ids, attention_mask, labels) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten())
+        return token_losses(out.logits, labels).mean()
 
 
 def train_step(trainer, batch) -> float:
