@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/train_throughput.py`
     sys.path.insert(0, str(ROOT))
 
-from bench.interference import cpu_seconds, other_cpu_share, wait_for_quiet  # noqa: E402
+from bench.interference import cpu_seconds, other_cpu_share, wait_for_quiet
+
 CONFIGS = ("peft", "lora", "lora-k2", "lora-k4", "mixlora", "mixlora-ref")
 SHAPE_NAMES = ("tiny", "medium", "smollm2", "llama7b-2l")
 QUIET = 0.05  # other processes' CPU share under which a machine counts as quiet
@@ -104,7 +105,7 @@ def run_worker(job: dict, isolate: bool) -> dict:
 
         try:
             return workload.main_inline(job)
-        except Exception as err:  # a failed configuration must not hide the others
+        except Exception as err:  # noqa: BLE001 -- a failed configuration must not hide the others
             return {**_job_keys(job), "status": "error", "reason": f"{type(err).__name__}: {err}"}
     with tempfile.TemporaryDirectory(prefix="mlora-bench-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
@@ -112,7 +113,7 @@ def run_worker(job: dict, isolate: bool) -> dict:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         proc = subprocess.run([sys.executable, "-m", "bench.workload", str(job_path), str(out_path)],
-                              env=env, capture_output=True, text=True)
+                              env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not out_path.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             reason = f"worker exited with status {proc.returncode}: " + " | ".join(tail)
@@ -227,12 +228,12 @@ def _fmt(value, spec):
 def format_report(report: dict) -> str:
     s = report["settings"]
     m = report["machine"]
-    lines = [f"shape={s['shape']} seq={s['seq']} micro-batch={s['micro_batch']} steps={s['steps']} "
-             f"warmup={s['warmup']} device={s['device']} threads={s['threads']} "
-             f"grad_ckpt={s['grad_ckpt']} lora_dropout={s['lora_dropout']}",
-             f"code: {m['git']}; machine: {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['torch']}, "
-             f"transformers {m['transformers']}, peft {m['peft']}; load average before/after: "
-             f"{report['load_before']} / {report['load_after']}",
+    lines = [(f"shape={s['shape']} seq={s['seq']} micro-batch={s['micro_batch']} steps={s['steps']} "
+              f"warmup={s['warmup']} device={s['device']} threads={s['threads']} "
+              f"grad_ckpt={s['grad_ckpt']} lora_dropout={s['lora_dropout']}"),
+             (f"code: {m['git']}; machine: {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['torch']}, "
+              f"transformers {m['transformers']}, peft {m['peft']}; load average before/after: "
+              f"{report['load_before']} / {report['load_after']}"),
              "matmul peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in report["matmul_peak_gflops"].items())
              + _other_note(report.get("matmul_peak_other_cpu_share"))]
     other = report.get("other_cpu_share")
@@ -339,9 +340,9 @@ def _git_state() -> str | None:
     """The checkout measured: commit, plus "+local changes" when the engine differs from it."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+                                text=True, timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "mlora", "bench"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (commit + (" +local changes" if dirty else "")) if commit else None

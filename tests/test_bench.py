@@ -96,7 +96,7 @@ def test_command_line_isolated_workers(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), *QUICK,
            "--only", "lora,lora-k2", "--dtypes", "fp32", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["isolated_processes"] is True
