@@ -75,7 +75,9 @@ def test_every_segment_of_a_mixed_batch_equals_its_dense_reference():
         rows = slice(start, start + n)
         start += n
         ref, leaves = dense_reference_logits(plain, adapted, name, ids[rows], mask[rows])
-        torch.testing.assert_close(out.logits[rows], ref, atol=2e-5, rtol=1e-4)
+        # Logits are O(1); fp32 kernels differ by CPU (AVX2 / AVX-512 reduction orders)
+        # by up to a few 1e-5 after DoRA's norms, so 1e-4 absolute.
+        torch.testing.assert_close(out.logits[rows], ref, atol=1e-4, rtol=1e-4)
         (ref * g[rows]).sum().backward()
         params = adapted.adapter_parameters(name)
         assert set(params) == set(leaves)
