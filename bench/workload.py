@@ -322,8 +322,12 @@ def _sync(device: str) -> None:
 def run_job(job: dict) -> dict:
     """Measure one configuration; returns a JSON-ready dict (see `train_throughput.py`)."""
     torch.set_num_threads(job["threads"])
+    from mlora.runtime import tune_cpu_allocator
+
     result = {key: job[key] for key in ("config", "shape", "dtype", "seq", "micro_batch", "device",
                                         "threads", "steps", "warmup", "grad_ckpt")}
+    # As the training CLI does, for every configuration alike (peft included).
+    result["malloc_tuned"] = tune_cpu_allocator()
     k = adapters_of(job["config"], job["micro_batch"])
     result.update(adapters=k, rows_per_adapter=job["micro_batch"] // k)
     if job["micro_batch"] % k:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, get_args, get_origin, get_type_hints
 
 from mlora.config import CASUAL_TASK, ConfigError, LoraConfig, MixLoraConfig, RunConfig, config_from_dict, load_config, to_dict
+from mlora.runtime import tune_cpu_allocator
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -483,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    tune_cpu_allocator()
     try:
         return args.func(args)
     except ConfigError as err:

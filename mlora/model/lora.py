@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.kernels.dispatch import segmented_lora_delta  # Triton on CUDA, torch elsewhere
+from mlora.kernels.dispatch import segmented_lora_add  # Triton on CUDA, torch elsewhere
 from mlora.kernels.lora import dropout_mask
 from mlora.model.context import AdapterContext
 from mlora.model.quant import dense_weight, linear_features
@@ -137,10 +137,13 @@ class LoraLinear(nn.Module):
         return self.base_layer
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         segments = [s for s in self.context.segments(x.shape[0]) if s.name in self.adapters]
         if not segments:
-            return out
+            return self.base_layer(x, *args, **kwargs)
+        # The frozen layer over the flattened rows: its output is then no view, and the
+        # plain-LoRA deltas go straight into it.
+        x2 = x.reshape(-1, x.shape[-1])
+        out2 = self.base_layer(x2, *args, **kwargs)
         gen = self.context.generator
         lora = [s for s in segments if not self.adapters[s.name].use_dora]
         if lora:
@@ -149,11 +152,11 @@ class LoraLinear(nn.Module):
             index = {n: i for i, n in enumerate(names)}
             per_row = x[0].numel() // x.shape[-1]          # tokens per batch row
             ads = [self.adapters[n] for n in names]
-            delta = segmented_lora_delta(
-                x.reshape(-1, x.shape[-1]), [(s.start * per_row, s.end * per_row, index[s.name]) for s in lora],
+            out2 = segmented_lora_add(
+                out2, x2, [(s.start * per_row, s.end * per_row, index[s.name]) for s in lora],
                 [a.lora_A.weight for a in ads], [a.lora_B.weight for a in ads], [a.scaling for a in ads],
                 [a.dropout for a in ads], self.training, [gen(n) for n in names])
-            out = out + delta.view(out.shape).to(out.dtype)
+        out = out2.view(*x.shape[:-1], out2.shape[-1])
         dora = [s for s in segments if self.adapters[s.name].use_dora]
         if not dora:
             return out

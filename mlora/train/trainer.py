@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mlora.data import IGNORE_INDEX
 from mlora.io import load_adapter
+from mlora.kernels.cross_entropy import token_cross_entropy
 from mlora.model.adapted import MultiAdapterModel
 from mlora.model.loading import load_base_model
 from mlora.train import checkpoint as ckpt
@@ -254,8 +254,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[:, :-1] = labels[:, 1:]
     vocab = logits.shape[-1]
-    return F.cross_entropy(logits.reshape(-1, vocab).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="none").view(labels.shape)
+    return token_cross_entropy(logits.reshape(-1, vocab), shifted.reshape(-1), IGNORE_INDEX).view(labels.shape)
 
 
 def adapter_loss(ar: AdapterRun, token_loss: torch.Tensor, router_entries, rows: int):

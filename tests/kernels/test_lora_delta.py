@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mlora.kernels.lora import lora_delta
+from mlora.kernels.lora import dropout_mask, lora_delta
 
 
 def test_matches_the_plain_expression_without_dropout():
@@ -17,6 +17,26 @@ def test_matches_the_plain_expression_without_dropout():
     g = torch.randn_like(ref)
     torch.testing.assert_close(torch.autograd.grad((ours * g).sum(), (x, A, B)),
                                torch.autograd.grad((ref * g).sum(), (x, A, B)))
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-6, 0.05, 0.5, 0.9, 1.0])
+def test_dropout_masks_drop_at_the_rate_asked_in_every_lane(p):
+    n = 400_000
+    mask = dropout_mask((n // 8, 8), p, "cpu", torch.Generator().manual_seed(3))
+    assert mask.shape == (n // 8, 8) and mask.dtype == torch.bool
+    # Each of the four 16-bit lanes of a 64-bit draw (columns j and j + 4) on its own.
+    for lane in range(4):
+        cols = mask[:, [lane, lane + 4]]
+        dropped = 1.0 - cols.float().mean().item()
+        sigma = (p * (1 - p) / cols.numel()) ** 0.5
+        assert abs(dropped - p) <= 5 * sigma + 2**-16, (lane, dropped)
+
+
+def test_dropout_masks_follow_their_generator():
+    a = dropout_mask((7, 13), 0.3, "cpu", torch.Generator().manual_seed(5))
+    b = dropout_mask((7, 13), 0.3, "cpu", torch.Generator().manual_seed(5))
+    c = dropout_mask((7, 13), 0.3, "cpu", torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_dropout_scales_kept_inputs_and_is_off_in_eval():

@@ -103,7 +103,9 @@ def test_matches_an_independent_reference_loop(base_model, pairs_file, tmp_path)
     peft_names = {k.removeprefix("base_model.model."): v for k, v in trained.items()}
     assert set(peft_names) == set(params)
     for key, p in params.items():
-        torch.testing.assert_close(peft_names[key], p.detach(), rtol=1e-4, atol=1e-6)
+        # Adam divides by the gradient's own size, so fp32 rounding in a tiny gradient entry
+        # (the loss sums in another order than F.cross_entropy) moves a weight by ~1e-6.
+        torch.testing.assert_close(peft_names[key], p.detach(), rtol=1e-4, atol=1e-5)
     assert any(p.abs().sum() > 0 for k, p in params.items() if "lora_B" in k)
 
 
