@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mlora.kernels import lora as lora_kernels
 
@@ -91,93 +92,147 @@ def _keep(mask: torch.Tensor | None, p: float) -> float:
     return 1.0 - p if mask is not None else 1.0
 
 
+def _rows(t: torch.Tensor, token: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """A fresh ``(M, ...)`` copy of the rows `token` of `t` (safe to change in place)."""
+    rows = torch.index_select(t, 0, token)
+    return rows if rows.dtype == acc else rows.to(acc)
+
+
+def _scatter(rows: torch.Tensor, token: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum ``rows (M, k)`` into an ``(n, k)`` tensor by token."""
+    return rows.new_zeros(n, rows.shape[1]).index_add_(0, token, rows)
+
+
+def _act_backward(act_fn, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """``grad * act'(pre)``: SiLU in one fused kernel, other activations through autograd."""
+    if act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU):
+        return torch.ops.aten.silu_backward(grad, pre)
+    with torch.enable_grad():
+        leaf = pre.detach().requires_grad_(True)
+        (out,) = torch.autograd.grad(act_fn(leaf), leaf, grad)
+    return out
+
+
+def _dropped_rows(x: torch.Tensor, token: torch.Tensor, drop: torch.Tensor | None, acc) -> torch.Tensor:
+    """``xm (M, H)``: the rows `token` of x with the dropped positions zeroed."""
+    xm = _rows(x, token, acc)
+    return xm.masked_fill_(drop, 0.0) if drop is not None else xm
+
+
+def _in_factors(xm: torch.Tensor, inputs: list, counts: list[int], drop: torch.Tensor | None) -> torch.Tensor:
+    """The gate/up rank-r factors side by side, ``z_in (M, r_g + r_u)``: one GEMM per expert
+    over ``xm``, each projection's block scaled by 1 / its keep probability."""
+    A_in = torch.cat([p.A for p in inputs], dim=1) if len(inputs) > 1 else inputs[0].A
+    z_in = _shrink(xm, A_in, counts, 1.0)
+    if drop is not None:
+        for proj, z in _blocks(z_in, inputs):
+            z.mul_(1.0 / _keep(drop, proj.dropout))
+    return z_in
+
+
+def _blocks(z_in: torch.Tensor, inputs: list) -> list:
+    """``[(projection, its (M, r) block of z_in)]``."""
+    out, col = [], 0
+    for proj in inputs:
+        out.append((proj, z_in[:, col:col + proj.A.shape[1]]))
+        col += proj.A.shape[1]
+    return out
+
+
 class _ExpertFFN(torch.autograd.Function):
+    """Saves the adapted gate/up outputs of the pairs and the rank-r factors; recomputes
+    the activation, the product and the dropped-out rows of x in backward."""
+
     @staticmethod
-    def forward(ctx, x, g, u, weight, token, counts, act_fn, projections, masks, *params):
+    def forward(ctx, x, g, u, weight, token, counts, act_fn, projections, drops, *params):
         gate, up, down = projections
+        drop_x, drop_a = drops
         acc = _acc(x)
-        out = _ExpertFFN._pairs(x, g, u, token, counts, act_fn, gate, up, down, masks, acc)
+        inputs = [p for p in (gate, up) if p is not None]
+        z_in = _in_factors(_dropped_rows(x, token, drop_x, acc), inputs, counts, drop_x) if inputs else None
+        factor = {id(p): z for p, z in _blocks(z_in, inputs)} if inputs else {}
+        adapted = []
+        for proj, base in ((gate, g), (up, u)):
+            value = _rows(base, token, acc)                          # (M, I), a fresh copy
+            if proj is not None:
+                _expand_add_(value, factor[id(proj)], proj.B, counts, proj.scaling)
+            adapted.append(value)
+        g_p, u_p = adapted
+        a = act_fn(g_p).mul_(u_p)                                     # (M, I)
         w = weight[:, None].to(acc)
-        mixed = torch.zeros(x.shape[0], g.shape[1], dtype=acc, device=x.device)
-        mixed.index_add_(0, token, out["a"] * w)
         extra = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)
+        zd = None
         if down is not None:
+            am = a.masked_fill(drop_a, 0.0) if drop_a is not None else a
+            zd = _shrink(am, down.A, counts, _keep(drop_a, down.dropout))
+            del am
             # The routing weight and scaling ride on the rank-r factor, not the wide output.
-            extra.index_add_(0, token, _times(out["zd"] * (w * down.scaling), down.B, counts, True))
-        ctx.save_for_backward(x, g, u, weight, token, *[m for m in masks if m is not None])
-        ctx.mask_present = [m is not None for m in masks]
+            extra.index_add_(0, token, _times(zd * (w * down.scaling), down.B, counts, True))
+        mixed = _scatter(a.mul_(w), token, x.shape[0])
+        ctx.save_for_backward(x, weight, token, g_p, u_p, z_in, zd, drop_x, drop_a)
         ctx.counts, ctx.act_fn, ctx.projections = counts, act_fn, projections
+        ctx.shapes = g.shape, u.shape, g.dtype, u.dtype
         return mixed, extra
 
     @staticmethod
-    def _pairs(x, g, u, token, counts, act_fn, gate, up, down, masks, acc):
-        """Per-pair tensors ``(M, ...)``; what forward computes and backward recomputes."""
-        mask_x, mask_a = masks
-        xs = x[token].to(acc)
-        xm = xs * mask_x if mask_x is not None else xs
-        out = {"xm": xm}
-        for name, proj, base in (("g", gate, g), ("u", up, u)):
-            value = base[token].to(acc)                  # a gathered copy: safe to add into
-            if proj is not None:
-                z = out["z" + name] = _shrink(xm, proj.A, counts, _keep(mask_x, proj.dropout))
-                _expand_add_(value, z, proj.B, counts, proj.scaling)
-            out[name] = value
-        out["act_g"] = act_fn(out["g"])
-        out["a"] = out["act_g"] * out["u"]
-        if down is not None:
-            out["am"] = out["a"] * mask_a if mask_a is not None else out["a"]
-            out["zd"] = _shrink(out["am"], down.A, counts, _keep(mask_a, down.dropout))
-        return out
-
-    @staticmethod
     def backward(ctx, grad_mixed, grad_extra):
-        x, g, u, weight, token, *saved_masks = ctx.saved_tensors
-        acc = _acc(x)
-        if grad_extra is None:
-            grad_extra = torch.zeros(x.shape, dtype=acc, device=x.device)
-        if grad_mixed is None:
-            grad_mixed = torch.zeros(g.shape, dtype=acc, device=g.device)
-        it = iter(saved_masks)
-        masks = [next(it) if present else None for present in ctx.mask_present]
+        x, weight, token, g_p, u_p, z_in, zd, drop_x, drop_a = ctx.saved_tensors
         counts, act_fn, (gate, up, down) = ctx.counts, ctx.act_fn, ctx.projections
-        out = _ExpertFFN._pairs(x, g, u, token, counts, act_fn, gate, up, down, masks, acc)
+        g_shape, u_shape, g_dtype, u_dtype = ctx.shapes
+        acc = _acc(x)
         w = weight[:, None].to(acc)
-        gm = grad_mixed[token].to(acc)                             # (M, I)
-        grad_w = torch.linalg.vecdot(gm, out["a"])
-        grad_a = gm.mul_(w)                                        # gm is a gathered copy
+        act_g = act_fn(g_p)
+        a = act_g * u_p
         grads = {}
+        if grad_mixed is None:
+            grad_a = torch.zeros_like(a)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device)
+        else:
+            grad_a = _rows(grad_mixed, token, acc)                    # (M, I)
+            grad_w = torch.linalg.vecdot(grad_a, a)
+            grad_a.mul_(w)
         if down is not None:
-            ge = grad_extra[token].to(acc)                         # (M, H)
-            geB = _times(ge, down.B, counts, False)                # (M, r): ge_e @ B_e
-            grad_w = grad_w + (geB * out["zd"]).sum(-1) * down.scaling
-            grads["dB"] = _outer(ge, out["zd"] * (w * down.scaling), counts, down.B)
-            d_zd = geB * (w * (down.scaling / _keep(masks[1], down.dropout)))
-            grads["dA"] = _outer(d_zd, out["am"], counts, down.A)
-            grad_am = _times(d_zd, down.A, counts, False)          # (M, I)
-            grad_a += grad_am.mul_(masks[1]) if masks[1] is not None else grad_am
-        grad_u = grad_a * out["act_g"]
-        with torch.enable_grad():
-            gs = out["g"].detach().requires_grad_(True)
-            (grad_g,) = torch.autograd.grad(act_fn(gs), gs, grad_a.mul_(out["u"]))
-        grad_xs = None
-        for name, proj, grad in (("g", gate, grad_g), ("u", up, grad_u)):
-            if proj is None:
-                continue
-            grads[name + "B"] = _outer(grad, out["z" + name] * proj.scaling, counts, proj.B)
-            d_z = _times(grad, proj.B, counts, False).mul_(proj.scaling / _keep(masks[0], proj.dropout))
-            grads[name + "A"] = _outer(d_z, out["xm"], counts, proj.A)
-            grad_in = _times(d_z, proj.A, counts, False)           # (M, H)
-            grad_xs = grad_in if grad_xs is None else grad_xs.add_(grad_in)
+            ge = (_rows(grad_extra, token, acc) if grad_extra is not None
+                  else torch.zeros(token.shape[0], x.shape[1], dtype=acc, device=x.device))
+            geB = _times(ge, down.B, counts, False)                   # (M, r): ge_e @ B_e
+            grad_w = grad_w + (geB * zd).sum(-1) * down.scaling
+            grads["dB"] = _outer(ge, zd * (w * down.scaling), counts, down.B)
+            d_zd = geB.mul_(w * (down.scaling / _keep(drop_a, down.dropout)))
+            am = a.masked_fill_(drop_a, 0.0) if drop_a is not None else a   # `a` is not needed any more
+            grads["dA"] = _outer(d_zd, am, counts, down.A)
+            del am, a
+            grad_am = _times(d_zd, down.A, counts, False)             # (M, I)
+            grad_a += grad_am.masked_fill_(drop_a, 0.0) if drop_a is not None else grad_am
+            del grad_am
+        grad_u = act_g.mul_(grad_a)                                   # act_g is not needed any more
+        grad_g = _act_backward(act_fn, grad_a.mul_(u_p), g_p)
+        del grad_a
+        inputs = [(name, p, gr) for name, p, gr in (("g", gate, grad_g), ("u", up, grad_u)) if p is not None]
         grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
-        if grad_xs is not None:
-            grad_x.index_add_(0, token, grad_xs.mul_(masks[0]) if masks[0] is not None else grad_xs)
-        grad_gin = torch.zeros(g.shape, dtype=acc, device=g.device).index_add_(0, token, grad_g)
-        grad_uin = torch.zeros(u.shape, dtype=acc, device=u.device).index_add_(0, token, grad_u)
+        if inputs:
+            xm = _dropped_rows(x, token, drop_x, acc)
+            d_zs = []
+            for (name, proj, grad), (_, z) in zip(inputs, _blocks(z_in, [p for _, p, _ in inputs])):
+                grads[name + "B"] = _outer(grad, z * proj.scaling, counts, proj.B)
+                d_zs.append(_times(grad, proj.B, counts, False).mul_(proj.scaling / _keep(drop_x, proj.dropout)))
+            d_z = torch.cat(d_zs, dim=1) if len(d_zs) > 1 else d_zs[0]
+            A_in = torch.cat([p.A for _, p, _ in inputs], dim=1) if len(inputs) > 1 else inputs[0][1].A
+            grad_A_in = _outer(d_z, xm, counts, A_in)                 # (E, r_g + r_u, H)
+            grad_xs = _times(d_z, A_in, counts, False)                # (M, H)
+            if drop_x is not None:
+                grad_xs.masked_fill_(drop_x, 0.0)
+            grad_x.index_add_(0, token, grad_xs)
+            col = 0
+            for name, proj, _ in inputs:
+                grads[name + "A"] = grad_A_in[:, col:col + proj.A.shape[1]]
+                col += proj.A.shape[1]
+        grad_gin = _scatter(grad_g, token, g_shape[0])
+        grad_uin = _scatter(grad_u, token, u_shape[0])
         param_grads = []
-        for name, proj in (("g", gate), ("u", up), ("", down)):
+        for name, proj in (("g", gate), ("u", up), ("d", down)):
             if proj is not None:
-                param_grads += [grads[name + "A"], grads[name + "B"]] if name else [grads["dA"], grads["dB"]]
-        return (grad_x.to(x.dtype), grad_gin.to(g.dtype), grad_uin.to(u.dtype), grad_w.to(weight.dtype),
+                param_grads += [grads[name + "A"], grads[name + "B"]]
+        return (grad_x.to(x.dtype), grad_gin.to(g_dtype), grad_uin.to(u_dtype), grad_w.to(weight.dtype),
                 None, None, None, None, None, *param_grads)
 
 
@@ -199,9 +254,11 @@ def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.T
     """
     m = token.shape[0]
     p_x = max([p.dropout for p in (gate, up) if p is not None], default=0.0)
-    masks = (
+    keeps = (
         _mask((m, x.shape[1]), p_x, x, generator) if training else None,
         _mask((m, g.shape[1]), down.dropout, x, generator) if training and down is not None else None,
     )
+    # Dropped positions, for in-place masked fills (one byte per element, kept for backward).
+    drops = tuple(k.logical_not_() if k is not None else None for k in keeps)
     params = [t for p in (gate, up, down) if p is not None for t in (p.A, p.B)]
-    return _ExpertFFN.apply(x, g, u, weight, token, counts, act_fn, (gate, up, down), masks, *params)
+    return _ExpertFFN.apply(x, g, u, weight, token, counts, act_fn, (gate, up, down), drops, *params)
