@@ -156,8 +156,8 @@ def _blocks(z_in: torch.Tensor, inputs: list) -> list:
 
 
 class _ExpertFFN(torch.autograd.Function):
-    """Saves the adapted gate/up outputs of the pairs and the rank-r factors; recomputes
-    the activation, the product and the dropped-out rows of x in backward."""
+    """Saves the pairs' adapted gate/up outputs, their dropped-out rows of x and the rank-r
+    factors; recomputes the activation and the product in backward."""
 
     @staticmethod
     def forward(ctx, x, g, u, weight, token, counts, act_fn, projections, drops, *params):
@@ -165,7 +165,8 @@ class _ExpertFFN(torch.autograd.Function):
         drop_x, drop_a = drops
         acc = _acc(x)
         inputs = [p for p in (gate, up) if p is not None]
-        z_in = _in_factors(_dropped_rows(x, token, drop_x, acc), inputs, counts, drop_x) if inputs else None
+        xm = _dropped_rows(x, token, drop_x, acc) if inputs else None       # (M, H), kept for backward
+        z_in = _in_factors(xm, inputs, counts, drop_x) if inputs else None
         factor = {id(p): z for p, z in _blocks(z_in, inputs)} if inputs else {}
         adapted = []
         for proj, base in ((gate, g), (up, u)):
@@ -176,23 +177,23 @@ class _ExpertFFN(torch.autograd.Function):
         g_p, u_p = adapted
         a = act_fn(g_p).mul_(u_p)                                     # (M, I)
         w = weight[:, None].to(acc)
+        mixed = _scatter(a * w, token, x.shape[0])
         extra = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)
         zd = None
         if down is not None:
-            am = a.masked_fill(drop_a, 0.0) if drop_a is not None else a
+            am = a.masked_fill_(drop_a, 0.0) if drop_a is not None else a   # `a` is not needed any more
             zd = _shrink(am, down.A, counts, _keep(drop_a, down.dropout))
-            del am
             # The routing weight and scaling ride on the rank-r factor, not the wide output.
             extra.index_add_(0, token, _times(zd * (w * down.scaling), down.B, counts, True))
-        mixed = _scatter(a.mul_(w), token, x.shape[0])
-        ctx.save_for_backward(x, weight, token, g_p, u_p, z_in, zd, drop_x, drop_a)
+        del a
+        ctx.save_for_backward(x, weight, token, g_p, u_p, xm, z_in, zd, drop_x, drop_a)
         ctx.counts, ctx.act_fn, ctx.projections = counts, act_fn, projections
         ctx.shapes = g.shape, u.shape, g.dtype, u.dtype
         return mixed, extra
 
     @staticmethod
     def backward(ctx, grad_mixed, grad_extra):
-        x, weight, token, g_p, u_p, z_in, zd, drop_x, drop_a = ctx.saved_tensors
+        x, weight, token, g_p, u_p, xm, z_in, zd, drop_x, drop_a = ctx.saved_tensors
         counts, act_fn, (gate, up, down) = ctx.counts, ctx.act_fn, ctx.projections
         g_shape, u_shape, g_dtype, u_dtype = ctx.shapes
         acc = _acc(x)
@@ -227,7 +228,6 @@ class _ExpertFFN(torch.autograd.Function):
         inputs = [(name, p, gr) for name, p, gr in (("g", gate, grad_g), ("u", up, grad_u)) if p is not None]
         grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
         if inputs:
-            xm = _dropped_rows(x, token, drop_x, acc)
             d_zs = []
             for (name, proj, grad), (_, z) in zip(inputs, _blocks(z_in, [p for _, p, _ in inputs])):
                 grads[name + "B"] = _outer(grad, z * proj.scaling, counts, proj.B)
