@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.activations import ACT2FN
 
 from mlora.kernels.expert_ffn import ExpertLoraWeights, expert_ffn
 
@@ -24,7 +25,7 @@ def problem(dtype=torch.float64, dropout=0.0, seed=0):
     return x, g, u, token, weight, counts, proj
 
 
-def plain(x, g, u, token, weight, counts, proj):
+def plain(x, g, u, token, weight, counts, proj, act=F.silu):
     """The same math as one autograd expression, pair by pair (no dropout)."""
     experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     mixed = torch.zeros(x.shape[0], g.shape[1], dtype=x.dtype)
@@ -33,20 +34,21 @@ def plain(x, g, u, token, weight, counts, proj):
         t, e, w = token[i], experts[i], weight[i]
         gg = g[t] + proj["gate"].scaling * proj["gate"].B[e] @ (proj["gate"].A[e] @ x[t])
         uu = u[t] + proj["up"].scaling * proj["up"].B[e] @ (proj["up"].A[e] @ x[t])
-        a = F.silu(gg) * uu
+        a = act(gg) * uu
         mixed = mixed.index_add(0, t[None], (w * a)[None])
         d = proj["down"].scaling * proj["down"].B[e] @ (proj["down"].A[e] @ a)
         extra = extra.index_add(0, t[None], (w * d)[None])
     return mixed, extra
 
 
-def test_forward_and_gradients_match_a_plain_expression():
+@pytest.mark.parametrize("act", [F.silu, ACT2FN["silu"], F.gelu], ids=["F.silu", "transformers-silu", "gelu"])
+def test_forward_and_gradients_match_a_plain_expression(act):
     x, g, u, token, weight, counts, proj = problem()
     leaves = [x, g, u, weight] + [t for p in proj.values() for t in (p.A, p.B)]
     for t in leaves:
         t.requires_grad_(True)
-    mixed, extra = expert_ffn(x, g, u, token, weight, counts, F.silu, proj["gate"], proj["up"], proj["down"], True)
-    ref_m, ref_e = plain(x, g, u, token, weight, counts, proj)
+    mixed, extra = expert_ffn(x, g, u, token, weight, counts, act, proj["gate"], proj["up"], proj["down"], True)
+    ref_m, ref_e = plain(x, g, u, token, weight, counts, proj, act)
     torch.testing.assert_close(mixed, ref_m)
     torch.testing.assert_close(extra, ref_e)
     gm, ge = torch.randn_like(mixed), torch.randn_like(extra)
