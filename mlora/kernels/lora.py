@@ -128,7 +128,7 @@ class _SegmentedLora(torch.autograd.Function):
         for (start, end, i), factor, has, z in zip(ctx.segments, ctx.factors, ctx.has_mask, zs):
             mask = next(it_masks) if has else None
             g = grad[start:end].to(acc)
-            grad_B[i] += g.T @ z
+            grad_B[i] += (z.T @ g).T                      # 2-2.5x faster than g.T @ z on CPU
             dz = (g @ Bs[i]).mul_(factor)                 # (rows, r)
             h = x[start:end].to(acc)
             if mask is not None:
