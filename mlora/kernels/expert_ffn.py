@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mlora.kernels import compiled
 from mlora.kernels import lora as lora_kernels
 
 
@@ -161,6 +162,52 @@ def _blocks(z_in: torch.Tensor, inputs: list) -> list:
     return out
 
 
+def _forward_wide(g_p, u_p, drop, w, act_fn, with_am: bool):
+    """The wide per-pair work of forward, pure: ``(w * a, am)`` with ``a = act(g_p) * u_p``
+    and ``am`` the dropped-out ``a`` (the down LoRA's input; None unless `with_am`)."""
+    a = act_fn(g_p) * u_p
+    am = (a.masked_fill(drop, 0.0) if drop is not None else a) if with_am else None
+    return a * w, am
+
+
+def _backward_wide(g_p, u_p, gm, grad_am, drop, w, act_fn, with_am: bool):
+    """The wide per-pair work of backward, pure.
+
+    Args: ``gm (M, I)`` the gradient of ``mixed`` at each pair's token; ``grad_am (M, I)``
+    the gradient of the down LoRA's input, or None when down is not targeted.
+    Returns: ``(grad_w (M,), am or None, grad_g (M, I), grad_u (M, I))``.
+    """
+    act = act_fn(g_p)
+    a = act * u_p
+    grad_w = torch.linalg.vecdot(gm, a)
+    am = (a.masked_fill(drop, 0.0) if drop is not None else a) if with_am else None
+    if grad_am is None:
+        grad_a = gm * w
+    else:
+        grad_a = torch.addcmul(grad_am.masked_fill(drop, 0.0) if drop is not None else grad_am, gm, w)
+    return grad_w, am, _act_backward(act_fn, grad_a * u_p, g_p), grad_a * act
+
+
+def _wide(fn, act_fn, *args):
+    """`fn` with `act_fn`: fused by `torch.compile` on CPU for SiLU experts, eager otherwise."""
+    if args[0].device.type == "cpu" and _is_silu(act_fn):
+        # One compiled copy per variant (dtype, which inputs are None), SiLU fixed inside.
+        key = (fn.__name__, args[0].dtype, *(a is None if not isinstance(a, bool) else a for a in args))
+        return compiled.call(_SILU_VARIANTS[fn], key, *args)
+    return fn(*args[:-1], act_fn, args[-1])
+
+
+def _forward_wide_silu(g_p, u_p, drop, w, with_am):
+    return _forward_wide(g_p, u_p, drop, w, F.silu, with_am)
+
+
+def _backward_wide_silu(g_p, u_p, gm, grad_am, drop, w, with_am):
+    return _backward_wide(g_p, u_p, gm, grad_am, drop, w, F.silu, with_am)
+
+
+_SILU_VARIANTS = {_forward_wide: _forward_wide_silu, _backward_wide: _backward_wide_silu}
+
+
 class _ExpertFFN(torch.autograd.Function):
     """Saves the pairs' adapted gate/up outputs, their dropped-out rows of x and the rank-r
     factors; recomputes the activation and the product in backward."""
@@ -181,17 +228,17 @@ class _ExpertFFN(torch.autograd.Function):
                 _expand_add_(value, factor[id(proj)], proj.B, counts, proj.scaling)
             adapted.append(value)
         g_p, u_p = adapted
-        a = act_fn(g_p).mul_(u_p)                                     # (M, I)
         w = weight[:, None].to(acc)
-        mixed = _scatter(a * w, token, x.shape[0])
+        aw, am = _wide(_forward_wide, act_fn, g_p, u_p, drop_a, w, down is not None)
+        mixed = _scatter(aw, token, x.shape[0])
+        del aw
         extra = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)
         zd = None
         if down is not None:
-            am = a.masked_fill_(drop_a, 0.0) if drop_a is not None else a   # `a` is not needed any more
             zd = _shrink(am, down.A, counts, _keep(drop_a, down.dropout))
+            del am
             # The routing weight and scaling ride on the rank-r factor, not the wide output.
             extra.index_add_(0, token, _times(zd * (w * down.scaling), down.B, counts, True))
-        del a
         ctx.save_for_backward(x, weight, token, g_p, u_p, xm, z_in, zd, drop_x, drop_a)
         ctx.counts, ctx.act_fn, ctx.projections = counts, act_fn, projections
         ctx.shapes = g.shape, u.shape, g.dtype, u.dtype
@@ -204,33 +251,26 @@ class _ExpertFFN(torch.autograd.Function):
         g_shape, u_shape, g_dtype, u_dtype = ctx.shapes
         acc = _acc(x)
         w = weight[:, None].to(acc)
-        act_g = act_fn(g_p)
-        a = act_g * u_p
         grads = {}
-        gm = _rows(grad_mixed, token, acc) if grad_mixed is not None else None      # (M, I)
-        grad_w = (torch.linalg.vecdot(gm, a) if gm is not None
-                  else torch.zeros(weight.shape, dtype=acc, device=x.device))
+        gm = (_rows(grad_mixed, token, acc) if grad_mixed is not None
+              else torch.zeros(g_p.shape, dtype=acc, device=x.device))               # (M, I)
+        grad_am = d_zd = None
+        grad_w_down = 0.0
         if down is not None:
             ge = (_rows(grad_extra, token, acc) if grad_extra is not None
                   else torch.zeros(token.shape[0], x.shape[1], dtype=acc, device=x.device))
             geB = _times(ge, down.B, counts, False)                   # (M, r): ge_e @ B_e
-            grad_w = grad_w + (geB * zd).sum(-1) * down.scaling
+            grad_w_down = (geB * zd).sum(-1) * down.scaling
             grads["dB"] = _outer(ge, zd * (w * down.scaling), counts, down.B)
             d_zd = geB.mul_(w * (down.scaling / _keep(drop_a, down.dropout)))
-            am = a.masked_fill_(drop_a, 0.0) if drop_a is not None else a   # `a` is not needed any more
+            grad_am = _times(d_zd, down.A, counts, False)             # (M, I), through the down LoRA
+        grad_w, am, grad_g, grad_u = _wide(_backward_wide, act_fn, g_p, u_p, gm, grad_am, drop_a, w,
+                                           down is not None)
+        del gm, grad_am
+        grad_w = grad_w + grad_w_down
+        if down is not None:
             grads["dA"] = _outer(d_zd, am, counts, down.A)
-            del am, a
-            grad_a = _times(d_zd, down.A, counts, False)              # (M, I), through the down LoRA
-            if drop_a is not None:
-                grad_a.masked_fill_(drop_a, 0.0)
-            if gm is not None:
-                grad_a.addcmul_(gm, w)                                # plus w * grad of mixed
-        else:
-            grad_a = gm.mul_(w) if gm is not None else torch.zeros_like(a)
-        del gm
-        grad_u = act_g.mul_(grad_a)                                   # act_g is not needed any more
-        grad_g = _act_backward(act_fn, grad_a.mul_(u_p), g_p)
-        del grad_a
+            del am
         inputs = [(name, p, gr) for name, p, gr in (("g", gate, grad_g), ("u", up, grad_u)) if p is not None]
         grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
         if inputs:
