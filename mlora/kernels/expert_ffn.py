@@ -11,7 +11,10 @@ expression would keep about eight ``(M, I)`` tensors per layer alive until backw
 function keeps two, the pairs' adapted gate and up outputs, plus their dropped-out rows of x
 ``(M, H)``, the rank-r factors and one-byte dropout masks, and recomputes the activation and
 the product in backward: MixLoRA's peak memory stays within 1.1x LoRA's, and backward makes
-few passes over the wide per-pair tensors, which is what its time is made of on a CPU.
+few passes over the wide per-pair tensors, which is what its time is made of on a CPU. The
+wide elementwise work of each direction is one pure function (`_forward_wide`,
+`_backward_wide`); on CPU, for SiLU experts, `torch.compile` fuses each into one loop
+(`mlora.kernels.compiled`, eager when compiling is off or fails).
 The experts' LoRA runs as one GEMM pair per expert group (pairs are sorted by expert).
 
 DoRA experts are not handled here (their per-expert norms make the backward heavier); the
