@@ -34,10 +34,10 @@ def call(fn, key, *args):
     """``fn(*args)``, compiled when `enabled` (see the module docstring)."""
     global _failure
     if enabled():
-        compiled = _compiled.get(key)
-        if compiled is None:
-            compiled = _compiled[key] = torch.compile(fn, dynamic=True)
         try:
+            compiled = _compiled.get(key)
+            if compiled is None:  # some torch and Python pairings refuse torch.compile right here
+                compiled = _compiled[key] = torch.compile(fn, dynamic=True)
             return compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
             _failure = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]

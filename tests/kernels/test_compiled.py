@@ -1,5 +1,7 @@
 """The torch.compile wrapper: compiled and eager agree; a failing compiler falls back to eager once, with a warning."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,19 @@ def test_compiled_and_eager_experts_agree(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_torch_compile_refused_outright_also_falls_back(monkeypatch):
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failure", None)
+
+    def refused(fn, **kwargs):
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", refused)
+    x = torch.arange(3.0)
+    with pytest.warns(RuntimeWarning, match="not supported on this Python"):
+        assert torch.equal(compiled.call(torch.neg, "neg", x), -x)
+
+
 def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
     monkeypatch.setattr(compiled, "_compiled", {})
     monkeypatch.setattr(compiled, "_failure", None)
@@ -56,4 +71,6 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
         assert torch.equal(compiled.call(torch.neg, "neg", x), -x)
     assert not compiled.enabled()
-    assert torch.equal(compiled.call(torch.neg, "neg", x), -x)  # eager from now on, no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eager from now on, without a second warning
+        assert torch.equal(compiled.call(torch.neg, "neg", x), -x)
