@@ -487,6 +487,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     tune_cpu_allocator()
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`launch.py avail | head`): stop quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except ConfigError as err:
         _print_config_error(err)
     except UsageError as err:

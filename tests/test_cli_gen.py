@@ -266,3 +266,14 @@ def test_train_py_does_the_same_as_run(tmp_path):
     help_text = cli(tmp_path, "--help", script=TRAIN).stdout
     for flag in ("config", "--base_model", "--dtype", "--quantize", "--output_dir", "--resume"):
         assert flag in help_text
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`launch.py avail | head -1`: the listing stops quietly when the pipe closes."""
+    proc = subprocess.Popen([sys.executable, str(LAUNCH), "avail"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.read(10)
+    proc.stdout.close()  # the reader goes away before the listing is done
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err
