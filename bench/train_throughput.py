@@ -236,11 +236,12 @@ def format_report(report: dict) -> str:
               f"{report['load_before']} / {report['load_after']}"),
              "matmul peak: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in report["matmul_peak_gflops"].items())
              + _other_note(report.get("matmul_peak_other_cpu_share"))]
-    tuned = sorted({bool(r.get("malloc_tuned")) for r in report["results"] if r.get("status") == "ok"})
-    if tuned:
-        lines.append("allocator: " + {(True,): "freed memory kept in the process (mlora.runtime), every configuration",
-                                      (False,): "system default (MLORA_SYSTEM_MALLOC or malloc settings in the environment)"}
-                     .get(tuple(tuned), "MIXED: some configurations kept freed memory, some did not"))
+    tuned = {bool(r.get("malloc_tuned")) for r in report["results"] if r.get("status") == "ok"}
+    if len(tuned) > 1:
+        lines.append("allocator: MIXED: some configurations kept freed memory, some did not")
+    elif tuned:
+        lines.append("allocator: " + ("freed memory kept in the process (mlora.runtime), every configuration" if True in tuned
+                                      else "system default (MLORA_SYSTEM_MALLOC or malloc settings in the environment)"))
     other = report.get("other_cpu_share")
     if other is not None:
         lines.append(f"other processes used {100 * other:.0f}% of the CPUs during the whole run "

@@ -5,8 +5,8 @@ weight and their gradients over ``(pairs, intermediate)`` tensors) is memory-bou
 eager PyTorch makes one pass over memory per op. Compiled by inductor into a C++ loop it
 makes one pass per function: about 7x less time for the backward's part on a 2-core Xeon.
 
-`call(fn, key, *args)` runs ``fn(*args)`` through a compiled copy of `fn` (one per `key`,
-shapes dynamic) and falls back to `fn` itself, for good, when compiling fails (no C++
+`call(fn, *args)` runs ``fn(*args)`` through a compiled copy of `fn` (one per `fn`, shapes
+dynamic) and falls back to `fn` itself, for good, when compiling fails (no C++
 compiler, an unsupported op): a warning says so once. ``MLORA_COMPILE=0`` skips compiling
 altogether. The functions given must be pure (no in-place change of their inputs), so a
 failed compiled call can be rerun eagerly. The first call in a process pays the compile:
@@ -30,14 +30,14 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0" and _failure is None
 
 
-def call(fn, key, *args):
+def call(fn, *args):
     """``fn(*args)``, compiled when `enabled` (see the module docstring)."""
     global _failure
     if enabled():
         try:
-            compiled = _compiled.get(key)
+            compiled = _compiled.get(fn)
             if compiled is None:  # some torch and Python pairings refuse torch.compile right here
-                compiled = _compiled[key] = torch.compile(fn, dynamic=True)
+                compiled = _compiled[fn] = torch.compile(fn, dynamic=True)
             return compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
             _failure = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]

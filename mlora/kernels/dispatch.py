@@ -68,19 +68,6 @@ def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.T
                                        generator)
 
 
-def segmented_lora_delta(x: torch.Tensor, segments: list[tuple[int, int, int]], As: list[torch.Tensor],
-                         Bs: list[torch.Tensor], scalings: list[float], dropouts: list[float], training: bool,
-                         generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
-    """Several adapters' LoRA deltas over their row segments of ``x (N, in)`` -> ``(N, out)`` fp32.
-
-    See `mlora.kernels.lora.segmented_lora_delta`; Triton on CUDA, torch otherwise.
-    """
-    if _triton_for(x):
-        from mlora.kernels import triton_lora
-        return triton_lora.segmented_lora_delta(x, segments, As, Bs, scalings, dropouts, training, generators)
-    return torch_lora.segmented_lora_delta(x, segments, As, Bs, scalings, dropouts, training, generators)
-
-
 def segmented_lora_add(base: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, int]],
                        As: list[torch.Tensor], Bs: list[torch.Tensor], scalings: list[float], dropouts: list[float],
                        training: bool, generators: list[torch.Generator | None] | None = None) -> torch.Tensor:

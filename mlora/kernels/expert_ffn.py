@@ -23,6 +23,7 @@ caller uses plain autograd for them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -165,7 +166,7 @@ def _blocks(z_in: torch.Tensor, inputs: list) -> list:
     return out
 
 
-def _forward_wide(g_p, u_p, drop, w, act_fn, with_am: bool):
+def _forward_wide(g_p, u_p, drop, w, with_am: bool, act_fn):
     """The wide per-pair work of forward, pure: ``(w * a, am)`` with ``a = act(g_p) * u_p``
     and ``am`` the dropped-out ``a`` (the down LoRA's input; None unless `with_am`)."""
     a = act_fn(g_p) * u_p
@@ -173,7 +174,7 @@ def _forward_wide(g_p, u_p, drop, w, act_fn, with_am: bool):
     return a * w, am
 
 
-def _backward_wide(g_p, u_p, gm, grad_am, drop, w, act_fn, with_am: bool):
+def _backward_wide(g_p, u_p, gm, grad_am, drop, w, with_am: bool, act_fn):
     """The wide per-pair work of backward, pure.
 
     Args: ``gm (M, I)`` the gradient of ``mixed`` at each pair's token; ``grad_am (M, I)``
@@ -191,24 +192,15 @@ def _backward_wide(g_p, u_p, gm, grad_am, drop, w, act_fn, with_am: bool):
     return grad_w, am, _act_backward(act_fn, grad_a * u_p, g_p), grad_a * act
 
 
+_SILU_FORMS = {fn: functools.partial(fn, act_fn=F.silu) for fn in (_forward_wide, _backward_wide)}
+
+
 def _wide(fn, act_fn, *args):
-    """`fn` with `act_fn`: fused by `torch.compile` on CPU for SiLU experts, eager otherwise."""
+    """``fn(*args, act_fn=act_fn)``: fused by `torch.compile` on CPU for SiLU experts, eager otherwise."""
     if args[0].device.type == "cpu" and _is_silu(act_fn):
-        # One compiled copy per variant (dtype, which inputs are None), SiLU fixed inside.
-        key = (fn.__name__, args[0].dtype, *(a is None if not isinstance(a, bool) else a for a in args))
-        return compiled.call(_SILU_VARIANTS[fn], key, *args)
-    return fn(*args[:-1], act_fn, args[-1])
-
-
-def _forward_wide_silu(g_p, u_p, drop, w, with_am):
-    return _forward_wide(g_p, u_p, drop, w, F.silu, with_am)
-
-
-def _backward_wide_silu(g_p, u_p, gm, grad_am, drop, w, with_am):
-    return _backward_wide(g_p, u_p, gm, grad_am, drop, w, F.silu, with_am)
-
-
-_SILU_VARIANTS = {_forward_wide: _forward_wide_silu, _backward_wide: _backward_wide_silu}
+        # SiLU fixed inside; dynamo specialises on dtype and on which inputs are None.
+        return compiled.call(_SILU_FORMS[fn], *args)
+    return fn(*args, act_fn=act_fn)
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -244,14 +236,13 @@ class _ExpertFFN(torch.autograd.Function):
             extra.index_add_(0, token, _times(zd * (w * down.scaling), down.B, counts, True))
         ctx.save_for_backward(x, weight, token, g_p, u_p, xm, z_in, zd, drop_x, drop_a)
         ctx.counts, ctx.act_fn, ctx.projections = counts, act_fn, projections
-        ctx.shapes = g.shape, u.shape, g.dtype, u.dtype
+        ctx.base_dtype = g.dtype                                     # of g and u, the frozen outputs
         return mixed, extra
 
     @staticmethod
     def backward(ctx, grad_mixed, grad_extra):
         x, weight, token, g_p, u_p, xm, z_in, zd, drop_x, drop_a = ctx.saved_tensors
         counts, act_fn, (gate, up, down) = ctx.counts, ctx.act_fn, ctx.projections
-        g_shape, u_shape, g_dtype, u_dtype = ctx.shapes
         acc = _acc(x)
         w = weight[:, None].to(acc)
         grads = {}
@@ -292,13 +283,13 @@ class _ExpertFFN(torch.autograd.Function):
             for name, proj, _ in inputs:
                 grads[name + "A"] = grad_A_in[:, col:col + proj.A.shape[1]]
                 col += proj.A.shape[1]
-        grad_gin = _scatter(grad_g, token, g_shape[0])
-        grad_uin = _scatter(grad_u, token, u_shape[0])
+        grad_gin = _scatter(grad_g, token, x.shape[0])
+        grad_uin = _scatter(grad_u, token, x.shape[0])
         param_grads = []
         for name, proj in (("g", gate), ("u", up), ("d", down)):
             if proj is not None:
                 param_grads += [grads[name + "A"], grads[name + "B"]]
-        return (grad_x.to(x.dtype), grad_gin.to(g_dtype), grad_uin.to(u_dtype), grad_w.to(weight.dtype),
+        return (grad_x.to(x.dtype), grad_gin.to(ctx.base_dtype), grad_uin.to(ctx.base_dtype), grad_w.to(weight.dtype),
                 None, None, None, None, None, *param_grads)
 
 

@@ -117,12 +117,13 @@ class _SegmentedLora(torch.autograd.Function):
         acc = _acc(x)
         grad_x = None
         if ctx.needs_input_grad[1]:
+            # Every segment's rows are written below; only the rows between segments need zeros.
             grad_x = torch.empty(x.shape, dtype=acc, device=x.device)
-            covered = torch.zeros(x.shape[0], dtype=torch.bool)
-            for start, end, _ in ctx.segments:
-                covered[start:end] = True
-            if not bool(covered.all()):
-                grad_x[covered.logical_not().to(x.device)] = 0
+            position = 0
+            for start, end, _ in sorted(ctx.segments):
+                grad_x[position:start] = 0
+                position = end
+            grad_x[position:] = 0
         grad_A = [torch.zeros_like(A) for A in As]
         grad_B = [torch.zeros_like(B) for B in Bs]
         for (start, end, i), factor, has, z in zip(ctx.segments, ctx.factors, ctx.has_mask, zs):
@@ -141,18 +142,6 @@ class _SegmentedLora(torch.autograd.Function):
         return (grad, grad_x.to(x.dtype) if grad_x is not None else None, None, None, None, *grad_A, *grad_B)
 
 
-def _masks_and_factors(x, segments, scalings, dropouts, training, generators):
-    masks, factors = [], []
-    for start, end, i in segments:
-        p = dropouts[i] if training else 0.0
-        gen = generators[i] if generators is not None else None
-        # The mask seam may hand back any shape with the segment's elements (tests pass x's).
-        masks.append(dropout_mask((end - start, x.shape[1]), p, x.device, gen).reshape(end - start, x.shape[1])
-                     if p > 0 else None)
-        factors.append(scalings[i] / (1.0 - p))
-    return masks, factors
-
-
 def segmented_lora_add(base: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, int]],
                        As: list[torch.Tensor], Bs: list[torch.Tensor], scalings: list[float], dropouts: list[float],
                        training: bool, generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
@@ -169,7 +158,14 @@ def segmented_lora_add(base: torch.Tensor, x: torch.Tensor, segments: list[tuple
     Returns:
         `base`, its rows in the segments increased by the deltas (computed in fp32 or wider).
     """
-    masks, factors = _masks_and_factors(x, segments, scalings, dropouts, training, generators)
+    masks, factors = [], []
+    for start, end, i in segments:
+        p = dropouts[i] if training else 0.0
+        gen = generators[i] if generators is not None else None
+        # The mask seam may hand back any shape with the segment's elements (tests pass x's).
+        masks.append(dropout_mask((end - start, x.shape[1]), p, x.device, gen).reshape(end - start, x.shape[1])
+                     if p > 0 else None)
+        factors.append(scalings[i] / (1.0 - p))
     return _SegmentedLora.apply(base, x, segments, factors, masks, *As, *Bs)
 
 
