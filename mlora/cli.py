@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, get_args, get_origin, get_type_hints
 
 from mlora.config import CASUAL_TASK, ConfigError, LoraConfig, MixLoraConfig, RunConfig, config_from_dict, load_config, to_dict
+from mlora.errors import MloraError
 from mlora.runtime import tune_cpu_allocator
 
 EXIT_OK = 0
@@ -32,7 +33,7 @@ DEFAULT_CONFIG = "mlora.json"
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
 
-class UsageError(Exception):
+class UsageError(MloraError):
     """Bad command-line input the user can fix; printed as one line, exit status 2."""
 
 
@@ -272,29 +273,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
 
     # Imported here: validating a config must not pay for torch.
-    from mlora.data import DataError
-    from mlora.io import AdapterFileError
-    from mlora.model.adapted import AdapterError
-    from mlora.model.loading import ModelLoadError
-    from mlora.train import TrainError, TrainOptions, console_logging, run_training
+    from mlora.train import TrainOptions, console_logging, run_training
 
     console_logging()
-    try:
-        summary = run_training(cfg, TrainOptions.from_args(args))
-    except (TrainError, DataError, ModelLoadError, AdapterError, AdapterFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    summary = run_training(cfg, TrainOptions.from_args(args))
     for line in summary.lines():
         print(line)
     if summary.interrupted:
         return EXIT_INTERRUPTED
     failed = [a.name for a in summary.adapters.values() if a.status == "failed"]
     status = EXIT_TRAIN_FAILED if failed else EXIT_OK
-    from mlora.evaluate import EvaluationError, evaluate_trained
+    from mlora.evaluate import evaluate_trained
 
     try:
         evaluate_trained(summary, cfg, args.base_model)
-    except (EvaluationError, DataError, AdapterFileError) as err:
+    except MloraError as err:
         print(f"error: evaluation: {err}\nThe trained adapters are saved in {summary.output_dir}; once this is "
               "fixed, score them with `python launch.py evaluate`.", file=sys.stderr)  # fmt: skip
         return status or EXIT_BAD_INPUT
@@ -310,19 +303,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be a positive number of items per task, got {args.limit}")
 
-    from mlora.data import DataError
-    from mlora.evaluate import EvaluationError, evaluate_saved, results_stem
-    from mlora.io import AdapterFileError
-    from mlora.model.adapted import AdapterError
-    from mlora.model.loading import ModelLoadError
+    from mlora.evaluate import evaluate_saved, results_stem
 
-    try:
-        evaluate_saved(args.base_model, cfg, args.output_dir, adapters=[args.adapter] if args.adapter else None,
-                       protocol=args.protocol, limit=args.limit, dtype=args.dtype, quantize=args.quantize,
-                       device=args.device, stem=results_stem(args.adapter, args.protocol))  # fmt: skip
-    except (EvaluationError, DataError, ModelLoadError, AdapterError, AdapterFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    evaluate_saved(args.base_model, cfg, args.output_dir, adapters=[args.adapter] if args.adapter else None,
+                   protocol=args.protocol, limit=args.limit, dtype=args.dtype, quantize=args.quantize,
+                   device=args.device, stem=results_stem(args.adapter, args.protocol))  # fmt: skip
     return EXIT_OK
 
 
@@ -334,21 +319,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     model (SmolLM2-135M-Instruct by default), score them and the base model, print one table."""
     import logging
 
-    from mlora.data import DataError
-    from mlora.evaluate import EvaluationError
-    from mlora.io import AdapterFileError
-    from mlora.model.adapted import AdapterError
-    from mlora.model.loading import ModelLoadError
     from mlora.quickstart import run_quickstart
-    from mlora.train import TrainError
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        return run_quickstart(args)
-    except (TrainError, DataError, ModelLoadError, AdapterError, AdapterFileError, EvaluationError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_quickstart(args)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -493,7 +468,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     except ConfigError as err:
         _print_config_error(err)
-    except UsageError as err:
+    except MloraError as err:
         print(f"error: {err}", file=sys.stderr)
     return EXIT_BAD_INPUT
 

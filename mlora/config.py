@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional, Union, get_args, get_origin, get_type_hints
 
+from mlora.errors import MloraError
+
 __all__ = [
     "ConfigError", "LoraConfig", "ExpertLoraConfig", "ExpertSettings", "MixLoraConfig", "RunConfig",
     "load_config", "config_from_dict", "adapter_from_dict", "to_dict",
@@ -62,7 +64,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
-class ConfigError(Exception):
+class ConfigError(MloraError):
     """A config has one or more problems; ``problems`` lists them all, ``source`` is the file."""
 
     def __init__(self, problems: list[str] | str, source: str | None = None):

@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mlora.errors import MloraError
+
 ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(MloraError, ValueError):
     """An adapter folder is missing, incomplete or does not match the model; says which file."""
 
 

@@ -6,8 +6,10 @@ internal: a task's row parser raises it and the loader turns it into a `DataErro
 carries the row number and file.
 """
 
+from mlora.errors import MloraError
 
-class DataError(Exception):
+
+class DataError(MloraError):
     """A dataset, file, row, template or task name the user must fix (message says how)."""
 
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from mlora.data import split_ids
+from mlora.errors import MloraError
 
 
-class EvaluationError(ValueError):
+class EvaluationError(MloraError, ValueError):
     """Evaluation cannot run as asked (no benchmark tasks, unknown or missing adapter, ...)."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mlora.errors import MloraError
 from mlora.model.context import AdapterContext, BatchLayout
 from mlora.model.lora import LoraLinear
 
@@ -26,7 +27,7 @@ _WRAPPER_PARTS = re.compile(r"\.(base_mlp|base_layer)(?=\.|$)")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-class AdapterError(ValueError):
+class AdapterError(MloraError, ValueError):
     """An adapter cannot be added to (or found on) this model; the message says why."""
 
 

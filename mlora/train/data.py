@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from mlora.data import IGNORE_INDEX, TokenizedExample, build_training_examples, tokenize_examples
+from mlora.errors import MloraError
 from mlora.model.context import BatchLayout
 
 
-class TrainError(Exception):
+class TrainError(MloraError):
     """A problem the user must fix before (or while) training; printed without a traceback."""
 
 
