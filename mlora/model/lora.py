@@ -22,6 +22,7 @@ from torch import nn
 
 from mlora.kernels.dispatch import segmented_lora_add  # Triton on CUDA, torch elsewhere
 from mlora.kernels.lora import dropout_mask
+from mlora.model.adapter_dict import AdapterDict
 from mlora.model.context import AdapterContext
 from mlora.model.quant import dense_weight, linear_features
 
@@ -114,7 +115,7 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_features(base_layer)
-        self.adapters = nn.ModuleDict()
+        self.adapters = AdapterDict()
         # A plain attribute, not a submodule: the context is shared by every wrapper.
         object.__setattr__(self, "context", context)
 

@@ -33,6 +33,7 @@ from transformers.activations import ACT2FN
 from mlora.kernels.dispatch import expert_ffn  # Triton on CUDA, the torch path elsewhere
 from mlora.kernels.expert_ffn import ExpertLoraWeights
 from mlora.kernels.lora import dropout_mask
+from mlora.model.adapter_dict import AdapterDict
 from mlora.model.context import AdapterContext
 from mlora.model.lora import LoraLinear
 from mlora.model.quant import dense_weight, linear_features
@@ -366,7 +367,7 @@ class MixLoraFFN(nn.Module):
     def __init__(self, base_mlp: nn.Module, context: AdapterContext):
         super().__init__()
         self.base_mlp = base_mlp
-        self.moes = nn.ModuleDict()
+        self.moes = AdapterDict()
         self.use_reference = False
         object.__setattr__(self, "context", context)
 
