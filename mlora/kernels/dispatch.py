@@ -70,14 +70,16 @@ def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.T
 
 def segmented_lora_add(base: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, int]],
                        As: list[torch.Tensor], Bs: list[torch.Tensor], scalings: list[float], dropouts: list[float],
-                       training: bool, generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+                       training: bool, generators: list[torch.Generator | None] | None = None,
+                       real: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """``base (N, out)`` plus the adapters' deltas over their row segments of ``x (N, in)``.
 
-    See `mlora.kernels.lora.segmented_lora_add` (in place on the torch path); on CUDA with
-    Triton, ``base + delta`` from the Triton kernels.
+    See `mlora.kernels.lora.segmented_lora_add` (in place on the torch path; `real`: each
+    segment's real rows, the only ones its masks are drawn for); on CUDA with Triton,
+    ``base + delta`` from the Triton kernels, with the same masks.
     """
     if _triton_for(x):
         from mlora.kernels import triton_lora
-        delta = triton_lora.segmented_lora_delta(x, segments, As, Bs, scalings, dropouts, training, generators)
+        delta = triton_lora.segmented_lora_delta(x, segments, As, Bs, scalings, dropouts, training, generators, real)
         return base + delta.to(base.dtype)
-    return torch_lora.segmented_lora_add(base, x, segments, As, Bs, scalings, dropouts, training, generators)
+    return torch_lora.segmented_lora_add(base, x, segments, As, Bs, scalings, dropouts, training, generators, real)

@@ -305,7 +305,10 @@ def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.T
         token: ``(M,)`` token of each pair, pairs sorted by expert; counts: pairs per expert.
         weight: ``(M,)`` fp32 routing weight of each pair (differentiable: the router learns).
         act_fn: the experts' activation; gate/up/down: the projections' expert LoRA or None.
-        training: dropout masks are drawn only in training, from `generator` (default: global RNG).
+        training: dropout masks are drawn only in training, from `generator` (default: global RNG),
+            over the pairs in order. The caller routes no padding (`mlora.model.mixlora.route`),
+            so the pairs, and with them each real token's masks, do not depend on the batch's
+            padded width.
     Returns:
         ``mixed (N, I)`` fp32 and ``extra (N, H)`` fp32 (see the module docstring).
     """

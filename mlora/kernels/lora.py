@@ -31,6 +31,24 @@ def dropout_mask(shape, p: float, device, generator: torch.Generator | None = No
     return lanes < threshold
 
 
+def token_dropout_mask(rows: int, width: int, p: float, device, generator: torch.Generator | None = None,
+                       real: torch.Tensor | None = None) -> torch.Tensor:
+    """A ``(rows, width)`` bool keep-mask drawn for the rows `real` only.
+
+    Args:
+        rows, width: the mask's shape (tokens, features); p: the drop probability.
+        real: ``(n,)`` long ascending row indices (a segment's real tokens), or None for all
+            rows. The draw is `dropout_mask` over ``(n, width)``, put at those rows; the
+            other rows (padding) are dropped. A real token's mask thus depends on the real
+            tokens before it, not on how much padding the batch puts around them.
+    """
+    if real is None:
+        # Through the module attribute: tests hand `dropout_mask` a known mask.
+        return dropout_mask((rows, width), p, device, generator).reshape(rows, width)
+    drawn = dropout_mask((real.shape[0], width), p, device, generator).reshape(real.shape[0], width)
+    return torch.zeros(rows, width, dtype=torch.bool, device=device).index_copy_(0, real, drawn)
+
+
 def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -142,9 +160,32 @@ class _SegmentedLora(torch.autograd.Function):
         return (grad, grad_x.to(x.dtype) if grad_x is not None else None, None, None, None, *grad_A, *grad_B)
 
 
+def segment_masks(x: torch.Tensor, segments: list[tuple[int, int, int]], dropouts: list[float], training: bool,
+                  generators: list[torch.Generator | None] | None,
+                  real: list[torch.Tensor | None] | None) -> list[torch.Tensor | None]:
+    """Each segment's ``(end - start, in)`` keep-mask for ``x (N, in)``, or None without dropout.
+
+    Segment j's mask comes from its adapter's generator (None: the global RNG), drawn over
+    ``real[j]`` (its real rows, offsets from ``start``; None: all rows) with
+    `token_dropout_mask`, segment by segment in order. The torch and Triton paths both draw
+    here, so one seed gives one set of masks.
+    """
+    masks = []
+    for j, (start, end, i) in enumerate(segments):
+        p = dropouts[i] if training else 0.0
+        if p > 0:
+            gen = generators[i] if generators is not None else None
+            rows = real[j] if real is not None else None
+            masks.append(token_dropout_mask(end - start, x.shape[1], p, x.device, gen, rows))
+        else:
+            masks.append(None)
+    return masks
+
+
 def segmented_lora_add(base: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, int]],
                        As: list[torch.Tensor], Bs: list[torch.Tensor], scalings: list[float], dropouts: list[float],
-                       training: bool, generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+                       training: bool, generators: list[torch.Generator | None] | None = None,
+                       real: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """``base`` plus many adapters' ``s_i B_i A_i dropout_i(x)`` over their row segments, in place.
 
     Args:
@@ -153,28 +194,25 @@ def segmented_lora_add(base: torch.Tensor, x: torch.Tensor, segments: list[tuple
         x: ``(N, in)``; segments: ``(start, end, adapter)`` disjoint row ranges, adapter an
             index into the lists; As[i]: ``(r_i, in)``; Bs[i]: ``(out, r_i)`` (ranks may differ).
         generators: adapter i's dropout masks come from ``generators[i]`` (None: the global
-            RNG), drawn segment by segment in order: the same masks as `lora_delta` called once
-            per segment.
+            RNG), drawn segment by segment in order (see `segment_masks`).
+        real: per segment, ``(n_j,)`` long offsets (from its start) of its real rows, or None
+            (all real). Masks are drawn over the real rows only; the other rows get no delta.
+            With all None: the same masks as `lora_delta` called once per segment.
     Returns:
         `base`, its rows in the segments increased by the deltas (computed in fp32 or wider).
     """
-    masks, factors = [], []
-    for start, end, i in segments:
-        p = dropouts[i] if training else 0.0
-        gen = generators[i] if generators is not None else None
-        # The mask seam may hand back any shape with the segment's elements (tests pass x's).
-        masks.append(dropout_mask((end - start, x.shape[1]), p, x.device, gen).reshape(end - start, x.shape[1])
-                     if p > 0 else None)
-        factors.append(scalings[i] / (1.0 - p))
+    masks = segment_masks(x, segments, dropouts, training, generators, real)
+    factors = [scalings[i] / (1.0 - dropouts[i] if m is not None else 1.0) for (_, _, i), m in zip(segments, masks)]
     return _SegmentedLora.apply(base, x, segments, factors, masks, *As, *Bs)
 
 
 def segmented_lora_delta(x: torch.Tensor, segments: list[tuple[int, int, int]], As: list[torch.Tensor],
                          Bs: list[torch.Tensor], scalings: list[float], dropouts: list[float], training: bool,
-                         generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+                         generators: list[torch.Generator | None] | None = None,
+                         real: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """The deltas alone: `segmented_lora_add` onto zeros, ``(N, out)`` fp32 (or wider).
 
     Rows outside every segment are zero.
     """
     base = torch.zeros(x.shape[0], Bs[0].shape[0], dtype=_acc(x), device=x.device)
-    return segmented_lora_add(base, x, segments, As, Bs, scalings, dropouts, training, generators)
+    return segmented_lora_add(base, x, segments, As, Bs, scalings, dropouts, training, generators, real)

@@ -384,15 +384,15 @@ def _stack_padded(weights: list[torch.Tensor], rank_dim: int) -> torch.Tensor:
 
 def segmented_lora_delta(x: torch.Tensor, segments: list[tuple[int, int, int]], As: list[torch.Tensor],
                          Bs: list[torch.Tensor], scalings: list[float], dropouts: list[float], training: bool,
-                         generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+                         generators: list[torch.Generator | None] | None = None,
+                         real: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Many adapters' ``s_i B_i A_i dropout_i(x)`` over their row segments, one launch per product.
 
     Args:
         x: ``(N, in)``; segments: ``(start, end, adapter)`` row ranges, disjoint, adapter an
             index into the lists; As[i]: ``(r_i, in)``; Bs[i]: ``(out, r_i)`` (ranks may differ).
-        generators: adapter i's dropout masks come from ``generators[i]`` (None: the global
-            RNG), drawn segment by segment: the masks of `mlora.kernels.lora.lora_delta`
-            called once per segment in this order with the same generators.
+        generators, real: as in `mlora.kernels.lora.segmented_lora_add`; the masks are drawn
+            by the same `mlora.kernels.lora.segment_masks`, so both paths use the same ones.
     Returns:
         ``(N, out)`` fp32 delta; rows outside every segment are zero.
     """
@@ -401,10 +401,10 @@ def segmented_lora_delta(x: torch.Tensor, segments: list[tuple[int, int, int]], 
     mask = None
     if any(keep[a] < 1.0 and end > start for start, end, a in segments):
         mask = torch.ones(x2.shape, dtype=torch.bool, device=x.device)
-        for start, end, a in segments:
-            if keep[a] < 1.0:
-                gen = generators[a] if generators is not None else None
-                mask[start:end] = lora_kernels.dropout_mask((end - start, x2.shape[1]), dropouts[a], x.device, gen)
+        drawn = lora_kernels.segment_masks(x2, segments, dropouts, training, generators, real)
+        for (start, end, _), m in zip(segments, drawn):
+            if m is not None:
+                mask[start:end] = m
     groups = Groups.build([(s, e) for s, e, _ in segments], [a for _, _, a in segments],
                           [scalings[a] for _, _, a in segments], [1.0 / keep[a] for _, _, a in segments], x.device)
     A = _stack_padded(list(As), 0)

@@ -26,6 +26,24 @@ class Segment:
     end: int
 
 
+@dataclass(frozen=True)
+class RealTokens:
+    """A segment's real (non-padding) tokens, its ``rows x T`` grid flattened row by row.
+
+    Random draws (dropout masks, router jitter) are made for these tokens only, in this
+    order, and put at their positions. Row-major order of the real tokens is the same
+    whatever the batch's padded width T (set by the longest row of any adapter) and padding
+    side, so a real token gets the same draw alone and beside any other segment.
+
+    Attributes:
+        mask: ``(N,)`` bool, True on real tokens.
+        index: ``(n,)`` long, the positions of the True entries, ascending.
+    """
+
+    mask: torch.Tensor
+    index: torch.Tensor
+
+
 @dataclass
 class BatchLayout:
     """The per-forward state every adapter layer reads.
@@ -40,8 +58,9 @@ class BatchLayout:
         record: MixLoRA layers append to `router_logits` only while True; it is switched
             off after the forward so recomputation under checkpointing does not append twice.
         generators: adapter name -> its own random stream for dropout masks and router
-            jitter. With one stream per adapter, an adapter's masks do not depend on which
-            adapters share its batch. Adapters without one use the global RNG.
+            jitter. With one stream per adapter, drawn over each segment's real tokens only
+            (`real_tokens`), an adapter's masks do not depend on which adapters share its
+            batch. Adapters without one use the global RNG.
     """
 
     segments: tuple[Segment, ...]
@@ -49,9 +68,26 @@ class BatchLayout:
     router_logits: dict[str, list] = field(default_factory=dict)
     record: bool = True
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+    _real: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def real_tokens(self, seg: Segment, tokens_per_row: int) -> RealTokens | None:
+        """The real tokens of `seg`, whose rows hold `tokens_per_row` tokens each.
+
+        None when every token of the segment is real (no `token_mask`, or no padding in its
+        rows): draws then cover the whole segment, the same as over its real tokens. Also
+        None for rows of another width than `token_mask` (no token grid to map them to).
+        Computed once per segment and layout (a host sync on GPU), reused by every layer and
+        by the recomputation under gradient checkpointing.
+        """
+        if self.token_mask is None or self.token_mask.shape[1] != tokens_per_row:
+            return None
+        if seg not in self._real:
+            mask = self.token_mask[seg.start:seg.end].reshape(-1).bool()
+            self._real[seg] = None if bool(mask.all()) else RealTokens(mask, mask.nonzero().squeeze(1))
+        return self._real[seg]
 
     @staticmethod
-    def from_sizes(names_and_sizes, token_mask=None) -> "BatchLayout":
+    def from_sizes(names_and_sizes, token_mask=None) -> BatchLayout:
         """Lay out adapters in the given order: ``[("a", 2), ("b", 3)]`` -> a: [0,2), b: [2,5)."""
         segments, start = [], 0
         for name, size in names_and_sizes:
@@ -74,6 +110,10 @@ class AdapterContext:
     def generator(self, name: str) -> torch.Generator | None:
         """Adapter `name`'s random stream in the current layout (None: the global RNG)."""
         return self.layout.generators.get(name) if self.layout is not None else None
+
+    def real_tokens(self, seg: Segment, tokens_per_row: int) -> RealTokens | None:
+        """`BatchLayout.real_tokens` of the current layout (None without one: no padding known)."""
+        return self.layout.real_tokens(seg, tokens_per_row) if self.layout is not None else None
 
     def segments(self, batch_size: int) -> tuple[Segment, ...]:
         if self.layout is not None:

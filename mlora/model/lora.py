@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.kernels.dispatch import segmented_lora_add  # Triton on CUDA, torch elsewhere
-from mlora.kernels.lora import dropout_mask
+from mlora.kernels.lora import token_dropout_mask
 from mlora.model.adapter_dict import AdapterDict
-from mlora.model.context import AdapterContext
+from mlora.model.context import AdapterContext, RealTokens
 from mlora.model.quant import dense_weight, linear_features
 
 
@@ -69,18 +69,22 @@ class LoraAdapter(nn.Module):
         return self.magnitude / merged.norm(p=2, dim=1).detach()
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, real: RealTokens | None = None) -> torch.Tensor:
         """The DoRA-adapted output for rows ``x (..., in)`` whose frozen output is ``base_out (..., out)``.
 
         Plain LoRA adapters do not come here: `LoraLinear` runs all of them in one segmented
-        call. `generator` draws the dropout mask (default: the global RNG).
+        call. `generator` draws the dropout mask (default: the global RNG) over the real
+        tokens `real` of x's flattened rows (None: all of them).
         """
         if not self.use_dora:
             raise RuntimeError("plain LoRA adapters run through LoraLinear's segmented path")
         dropped = self.dropout > 0.0 and self.training
         h = x.float()
         if dropped:
-            h = h * dropout_mask(h.shape, self.dropout, h.device, generator) / (1.0 - self.dropout)
+            tokens = h.numel() // h.shape[-1]
+            mask = token_dropout_mask(tokens, h.shape[-1], self.dropout, h.device, generator,
+                                      real.index if real is not None else None)
+            h = h * mask.view(h.shape) / (1.0 - self.dropout)
         delta = self.lora_product(h)
         weight = dense_weight(base_layer)
         scale = self.dora_scale(weight)
@@ -146,17 +150,21 @@ class LoraLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         out2 = self.base_layer(x2, *args, **kwargs)
         gen = self.context.generator
+        per_row = x[0].numel() // x.shape[-1]              # tokens per batch row
+        # Dropout masks cover each segment's real tokens only: the same draws whatever
+        # padding its neighbours bring into the batch (context.RealTokens).
+        real = {s: self.context.real_tokens(s, per_row) for s in segments} if self.training else {}
         lora = [s for s in segments if not self.adapters[s.name].use_dora]
         if lora:
             # All plain-LoRA segments in one autograd node over the flattened rows.
             names = list(dict.fromkeys(s.name for s in lora))
             index = {n: i for i, n in enumerate(names)}
-            per_row = x[0].numel() // x.shape[-1]          # tokens per batch row
             ads = [self.adapters[n] for n in names]
             out2 = segmented_lora_add(
                 out2, x2, [(s.start * per_row, s.end * per_row, index[s.name]) for s in lora],
                 [a.lora_A.weight for a in ads], [a.lora_B.weight for a in ads], [a.scaling for a in ads],
-                [a.dropout for a in ads], self.training, [gen(n) for n in names])
+                [a.dropout for a in ads], self.training, [gen(n) for n in names],
+                [real[s].index if real.get(s) is not None else None for s in lora])
         out = out2.view(*x.shape[:-1], out2.shape[-1])
         dora = [s for s in segments if self.adapters[s.name].use_dora]
         if not dora:
@@ -167,7 +175,7 @@ class LoraLinear(nn.Module):
             if seg.start > position:
                 pieces.append(out[position:seg.start])
             rows = slice(seg.start, seg.end)
-            pieces.append(self.adapters[seg.name](x[rows], out[rows], self.base_layer, gen(seg.name)))
+            pieces.append(self.adapters[seg.name](x[rows], out[rows], self.base_layer, gen(seg.name), real.get(seg)))
             position = seg.end
         if position < x.shape[0]:
             pieces.append(out[position:])

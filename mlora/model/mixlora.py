@@ -17,7 +17,10 @@ Shared-base computation (`MixLoraFFN`, exact by linearity, DESIGN.md section 5):
 Routing strategies: ``mixlora`` (softmax, top-k, renormalised), ``mixlora-switch`` (top-1
 weighted by its probability, ``expert_capacity`` tokens per expert and sequence; tokens over
 capacity get the frozen FFN output), ``mixlora-dynamic`` (the smallest set of experts whose
-probability mass reaches ``top_p``, weighted by their probabilities).
+probability mass reaches ``top_p``, weighted by their probabilities). Padding takes no
+expert in any strategy (it gets the frozen FFN), and every random draw (jitter, dropout)
+covers real tokens only: an adapter's segment trains the same whatever padding its
+neighbours in the batch bring (`mlora.model.context.RealTokens`).
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from transformers.activations import ACT2FN
 
 from mlora.kernels.dispatch import expert_ffn  # Triton on CUDA, the torch path elsewhere
 from mlora.kernels.expert_ffn import ExpertLoraWeights
-from mlora.kernels.lora import dropout_mask
+from mlora.kernels.lora import token_dropout_mask
 from mlora.model.adapter_dict import AdapterDict
-from mlora.model.context import AdapterContext
+from mlora.model.context import AdapterContext, RealTokens
 from mlora.model.lora import LoraLinear
 from mlora.model.quant import dense_weight, linear_features
 
@@ -92,7 +95,9 @@ class ExpertLora(nn.Module):
     def _drop(self, x: torch.Tensor, generator=None) -> torch.Tensor:
         if not (self.dropout > 0 and self.training):
             return x
-        return x * dropout_mask(x.shape, self.dropout, x.device, generator) / (1.0 - self.dropout)
+        # Rows are routed pairs of real tokens only (see `route`): the same rows alone or not.
+        mask = token_dropout_mask(x.shape[0], x.shape[1], self.dropout, x.device, generator)
+        return x * mask / (1.0 - self.dropout)
 
     def grouped(self, x: torch.Tensor, base_out: torch.Tensor, counts: list[int],
                 experts: torch.Tensor, scale: torch.Tensor | None, generator=None) -> torch.Tensor:
@@ -150,16 +155,22 @@ def route(logits: torch.Tensor, strategy: str, *, top_k: int = 2, top_p: float =
           token_mask: torch.Tensor | None = None) -> Routing:
     """Turn router logits ``(N, E)`` fp32 into (token, expert, weight) pairs.
 
-    `seq_len` and `token_mask (N,)` matter for switch only: capacity is counted per sequence,
-    in position order, over real tokens (padding neither takes nor uses capacity).
+    `token_mask (N,)` marks the real tokens (None: all real). Padding takes no expert in any
+    strategy: it is left out of the pairs and marked `dropped` (it gets the frozen FFN), so
+    the pairs of real tokens, and the dropout masks drawn over them, are the same whatever
+    padding surrounds them. `seq_len` matters for switch only: capacity is counted per
+    sequence, in position order, over real tokens (padding neither takes nor uses capacity).
     """
     n, num_experts = logits.shape
     probs = F.softmax(logits, dim=-1)
     tokens = torch.arange(n, device=logits.device)
+    padding = None if token_mask is None else ~token_mask
     if strategy == "mixlora":
         weight, expert = probs.topk(top_k, dim=-1)
         weight = weight / weight.sum(-1, keepdim=True)
-        return Routing(tokens.repeat_interleave(top_k), expert.reshape(-1), weight.reshape(-1))
+        if token_mask is not None:
+            tokens, expert, weight = tokens[token_mask], expert[token_mask], weight[token_mask]
+        return Routing(tokens.repeat_interleave(top_k), expert.reshape(-1), weight.reshape(-1), dropped=padding)
     if strategy == "mixlora-dynamic":
         if temperature > 0:
             probs = F.softmax(logits / temperature, dim=-1)
@@ -168,8 +179,10 @@ def route(logits: torch.Tensor, strategy: str, *, top_k: int = 2, top_p: float =
         # whose mass reaches top_p (always at least one expert).
         before = sorted_p.cumsum(-1) - sorted_p
         keep = before < top_p
+        if token_mask is not None:
+            keep &= token_mask[:, None]
         token = tokens[:, None].expand(-1, num_experts)[keep]
-        return Routing(token, order[keep], sorted_p[keep])
+        return Routing(token, order[keep], sorted_p[keep], dropped=padding)
     if strategy == "mixlora-switch":
         weight, expert = probs.max(dim=-1)
         real = torch.ones(n, dtype=torch.bool, device=logits.device) if token_mask is None else token_mask
@@ -244,35 +257,45 @@ class MixLoraMoe(nn.Module):
     def dora_down(self) -> bool:
         return "down_proj" in self.experts and self.experts["down_proj"].use_dora
 
-    def router_logits(self, x: torch.Tensor, generator=None) -> torch.Tensor:
-        """``(N, E)`` fp32 logits for tokens ``x (N, hidden)``; jitter noise only in training."""
+    def router_logits(self, x: torch.Tensor, generator=None, real: RealTokens | None = None) -> torch.Tensor:
+        """``(N, E)`` fp32 logits for tokens ``x (N, hidden)``; jitter noise only in training.
+
+        The noise is drawn for the real tokens `real` only (None: all N), in their order.
+        """
         h = x.float()
         if self.training and self.cfg.jitter_noise > 0:
             # Noise on the router's input only, so the frozen projections stay shared.
             j = self.cfg.jitter_noise
-            h = h * torch.empty_like(h).uniform_(1.0 - j, 1.0 + j, generator=generator)
+            n = h.shape[0] if real is None else real.index.shape[0]
+            noise = torch.empty(n, h.shape[1], dtype=h.dtype, device=h.device).uniform_(1.0 - j, 1.0 + j,
+                                                                                       generator=generator)
+            if real is not None:
+                noise = torch.ones_like(h).index_copy_(0, real.index, noise)
+            h = h * noise
         return self.moe_gate(h)
 
-    def routing(self, x: torch.Tensor, seq_len: int, token_mask: torch.Tensor | None, generator=None):
-        logits = self.router_logits(x, generator)
+    def routing(self, x: torch.Tensor, seq_len: int, real: RealTokens | None, generator=None):
+        logits = self.router_logits(x, generator, real)
         c = self.cfg
         r = route(logits, c.routing_strategy, top_k=c.top_k, top_p=c.top_p, temperature=c.temperature,
-                  capacity=c.expert_capacity, seq_len=seq_len, token_mask=token_mask)
+                  capacity=c.expert_capacity, seq_len=seq_len, token_mask=real.mask if real is not None else None)
         return logits, r
 
-    def forward(self, x, g, u, mlp, seq_len, token_mask, generator=None):
+    def forward(self, x, g, u, mlp, seq_len, real, generator=None):
         """Shared-base MoE for one segment's N tokens.
 
         Args:
             x: ``(N, hidden)`` FFN input; g, u: ``(N, inter)`` frozen gate/up outputs of x.
             mlp: the wrapped FFN (for its frozen ``down`` and activation).
+            seq_len: tokens per row; real: the segment's real tokens (None: all N are real).
             generator: this adapter's random stream (jitter, dropout); None: the global RNG.
+                Every draw covers real tokens (or their routed pairs) only.
         Returns:
             ``(mixed, extra, logits)``: ``mixed (N, inter)`` = sum_e w_e a_e (the frozen down's
             input), ``extra (N, hidden)`` fp32 to add after the frozen down (or, for a DoRA
             down, the whole output, with ``mixed`` zero), and the router logits ``(N, E)``.
         """
-        logits, r = self.routing(x, seq_len, token_mask, generator)
+        logits, r = self.routing(x, seq_len, real, generator)
         order = torch.argsort(r.expert, stable=True)
         token, expert, weight = r.token[order], r.expert[order], r.weight[order, None]
         counts = torch.bincount(expert, minlength=self.cfg.num_experts).tolist()
@@ -324,12 +347,13 @@ class MixLoraMoe(nn.Module):
         scale = ex.dora_scale(_base(getattr(mlp, proj))) if ex.use_dora else None
         return ex.grouped(inp, frozen, counts, expert, scale, generator)
 
-    def reference_forward(self, x, mlp, seq_len, token_mask, generator=None):
+    def reference_forward(self, x, mlp, seq_len, real, generator=None):
         """The plain per-expert MoE (frozen projections recomputed per expert): the reference.
 
-        ``x (N, hidden)`` -> ``((N, hidden) output, (N, E) router logits)``.
+        ``x (N, hidden)`` -> ``((N, hidden) output, (N, E) router logits)``; `seq_len`, `real`
+        and `generator` as in `forward`.
         """
-        logits, r = self.routing(x, seq_len, token_mask, generator)
+        logits, r = self.routing(x, seq_len, real, generator)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
 
         def project(proj, e, inp):
@@ -389,7 +413,7 @@ class MixLoraFFN(nn.Module):
         if layout is not None and layout.record:
             layout.router_logits.setdefault(name, []).append((logits, mask))
 
-    def _segment_mask(self, seg, seq_len):
+    def _segment_mask(self, seg):
         layout = self.context.layout
         if layout is None or layout.token_mask is None:
             return None
@@ -410,13 +434,14 @@ class MixLoraFFN(nn.Module):
                 acts.append(mlp.act_fn(g[position:seg.start]) * u[position:seg.start])
             rows = slice(seg.start, seg.end)
             n = (seg.end - seg.start) * seq_len
-            mask = self._segment_mask(seg, seq_len)
+            # Routing, the aux loss and every random draw see the segment's real tokens only.
+            real = self.context.real_tokens(seg, seq_len)
             mixed, extra, logits = self.moes[seg.name](
                 h[rows].reshape(n, hidden), g[rows].reshape(n, -1), u[rows].reshape(n, -1),
-                mlp, seq_len, mask, self.context.generator(seg.name))
-            self._record(seg.name, logits, mask)
+                mlp, seq_len, real, self.context.generator(seg.name))
+            self._record(seg.name, logits, self._segment_mask(seg))
             acts.append(mixed.to(g.dtype).view(seg.end - seg.start, seq_len, -1))
-            extras[seg] = extra.view(seg.end - seg.start, seq_len, hidden)
+            extras[seg] = (extra.view(seg.end - seg.start, seq_len, hidden), real)
             position = seg.end
         if position < batch:
             acts.append(mlp.act_fn(g[position:]) * u[position:])
@@ -425,23 +450,27 @@ class MixLoraFFN(nn.Module):
 
     def _assemble(self, y: torch.Tensor, extras: dict, batch: int) -> torch.Tensor:
         pieces, position = [], 0
-        for seg, extra in extras.items():
+        for seg, (extra, real) in extras.items():
             if seg.start > position:
                 pieces.append(y[position:seg.start])
             moe = self.moes[seg.name]
             # A DoRA down computed the whole segment output per expert (see MixLoraMoe.forward).
             seg_out = extra.to(y.dtype) if moe.dora_down else y[seg.start:seg.end] + extra.to(y.dtype)
-            pieces.append(self._ffn_dropout(moe, seg_out, self.context.generator(seg.name)))
+            pieces.append(self._ffn_dropout(moe, seg_out, self.context.generator(seg.name), real))
             position = seg.end
         if position < batch:
             pieces.append(y[position:])
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
-    def _ffn_dropout(self, moe: MixLoraMoe, out: torch.Tensor, generator) -> torch.Tensor:
+    def _ffn_dropout(self, moe: MixLoraMoe, out: torch.Tensor, generator, real: RealTokens | None) -> torch.Tensor:
+        """Switch's dropout on a segment's FFN output ``out (rows, T, hidden)``, drawn over its real tokens."""
         p = moe.cfg.ffn_dropout if moe.cfg.routing_strategy == "mixlora-switch" else 0.0
         if not (p > 0 and self.training):
             return out
-        return out * dropout_mask(out.shape, p, out.device, generator) / (1.0 - p)
+        tokens = out.shape[0] * out.shape[1]
+        mask = token_dropout_mask(tokens, out.shape[-1], p, out.device, generator,
+                                  real.index if real is not None else None)
+        return out * mask.view(out.shape) / (1.0 - p)
 
     def _reference(self, h: torch.Tensor, segments) -> torch.Tensor:
         batch, seq_len, hidden = h.shape
@@ -451,12 +480,13 @@ class MixLoraFFN(nn.Module):
             if seg.start > position:
                 pieces.append(out[position:seg.start])
             n = (seg.end - seg.start) * seq_len
-            mask = self._segment_mask(seg, seq_len)
+            real = self.context.real_tokens(seg, seq_len)
             moe = self.moes[seg.name]
             gen = self.context.generator(seg.name)
-            y, logits = moe.reference_forward(h[seg.start:seg.end].reshape(n, hidden), self.base_mlp, seq_len, mask, gen)
-            self._record(seg.name, logits, mask)
-            pieces.append(self._ffn_dropout(moe, y.to(h.dtype).view(seg.end - seg.start, seq_len, hidden), gen))
+            y, logits = moe.reference_forward(h[seg.start:seg.end].reshape(n, hidden), self.base_mlp, seq_len, real, gen)
+            self._record(seg.name, logits, self._segment_mask(seg))
+            y = y.to(h.dtype).view(seg.end - seg.start, seq_len, hidden)
+            pieces.append(self._ffn_dropout(moe, y, gen, real))
             position = seg.end
         if position < batch:
             pieces.append(out[position:])
