@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate with a trained adapter: python generate.py --lora_weights DIR --instruction "..."."""
+"""Generate with a trained adapter: python generate.py --lora_weights DIR_OR_HUB_ID --instruction "..."."""
 
 import sys
 

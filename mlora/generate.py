@@ -1,17 +1,32 @@
-"""One-shot generation with a saved adapter (the seed's ``generate.py`` interface)."""
+"""One-shot generation with a saved adapter (the seed's ``generate.py`` interface).
+
+    python generate.py --lora_weights output/mixlora_0 --instruction "Name a colour."
+    python generate.py --base_model B --lora_weights TUDB-Labs/alpaca-mixlora-7b \\
+        --template template/alpaca.json --instruction "What is m-LoRA?"
+
+The adapter is a folder or a Hub id (`mlora.hub.resolve_adapter`); the template is a built-in
+name or a template file, and m-LoRA's ``template/alpaca.json`` means the built-in "alpaca" where
+no such file exists (`mlora.data.load_template`). Every error the user can fix is printed as one
+line with exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+EXIT_BAD_INPUT = 2
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate.py", description="Generate a completion with a trained adapter "
                                 "(LoRA, DoRA, MixLoRA or MixDoRA) applied to its base model.")
     p.add_argument("--base_model", help="hub id, local folder or .gguf file (default: the one in the adapter config)")
-    p.add_argument("--lora_weights", required=True, help="adapter folder (adapter_config.json + weights)")
-    p.add_argument("--template", default="alpaca", help="prompt template: 'alpaca' or a template JSON file")
+    p.add_argument("--lora_weights", required=True,
+                   help="adapter folder (adapter_config.json + weights) or Hugging Face Hub id (owner/name)")
+    p.add_argument("--template", default="alpaca",
+                   help="prompt template: 'alpaca' or a template JSON file (a missing template/alpaca.json "
+                        "means the built-in 'alpaca')")
     p.add_argument("--instruction", required=True, help="the instruction to answer")
     p.add_argument("--input", default=None, help="optional input for the instruction")
     p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate (default 128)")
@@ -29,15 +44,16 @@ def generate(args) -> str:
     from transformers import AutoTokenizer
 
     from mlora.data import load_template
-    from mlora.io import read_adapter_config
     from mlora.model.inference import MixLoraModelForCausalLM
+    from mlora.train.setup import hub_offline_unless_reachable
 
-    _, stored = read_adapter_config(args.lora_weights)
-    model, _ = MixLoraModelForCausalLM.from_pretrained(args.lora_weights, base_model=args.base_model,
-                                                       torch_dtype=args.dtype, device=args.device)
-    tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path or args.base_model or stored)
-    prompt = load_template(args.template).render(args.instruction, args.input)
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    # The template first: a bad --template fails before a model is loaded.
+    template = load_template(args.template)
+    model, config = MixLoraModelForCausalLM.from_pretrained(args.lora_weights, base_model=args.base_model,
+                                                            torch_dtype=args.dtype, device=args.device)
+    with hub_offline_unless_reachable(config.base_model_name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(config.base_model_name_or_path)
+    inputs = tokenizer(template.render(args.instruction, args.input), return_tensors="pt").to(model.device)
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
     extra = dict(temperature=args.temperature, top_p=args.top_p) if sample else {}
@@ -47,14 +63,19 @@ def generate(args) -> str:
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def one_line(err: BaseException) -> str:
+    """An error message on one line (library messages often span several)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from mlora.io import AdapterFileError
-    from mlora.model.loading import ModelLoadError
+    from mlora.errors import MloraError
 
     try:
         print(generate(args))
-    except (AdapterFileError, ModelLoadError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (MloraError, OSError) as err:
+        # OSError: a file that cannot be read, or a tokenizer transformers cannot find.
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0

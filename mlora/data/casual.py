@@ -6,13 +6,18 @@ prompt followed by `output`, with EOS appended by the tokenizer step.
 
 Templates follow the alpaca-lora file layout: a JSON object with `prompt_input` (placeholders
 `{instruction}` and `{input}`), `prompt_no_input` (`{instruction}`), `response_split` (the
-marker after which a generated answer starts) and an optional `description`. The adapter's
-`prompt` value is "alpaca" (built in) or the path of such a file.
+marker after which a generated answer starts) and an optional `description`: the format of
+m-LoRA's and MoE-PEFT's `template/*.json` files. The adapter's `prompt` value (and
+`generate.py --template`) is "alpaca" (built in) or the path of such a file. A path whose file
+does not exist but whose name is a built-in template's (`template/alpaca.json`, as m-LoRA's
+configs and README commands write it) means that built-in template, with a note on stderr: the
+built-in text is the file's, so those lines work from any working directory.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +28,8 @@ from mlora.data import fields
 from mlora.data.errors import DataError, RowError
 from mlora.data.items import TrainingExample
 from mlora.data.sources import RowChunk, parse_rows
+
+logger = logging.getLogger("mlora.data")
 
 # Instruction data (alpaca records) trained with a prompt template; not a benchmark.
 CASUAL = "casual"
@@ -109,6 +116,9 @@ def template_from_dict(content: Any, source: str) -> PromptTemplate:
 def load_template(prompt: str | None = None) -> PromptTemplate:
     """The template an adapter's `prompt` value names: None or "alpaca", or a JSON file path.
 
+    A missing file named after a built-in template (``template/alpaca.json``) gives that
+    template, with a note on stderr (see the module docstring).
+
     Raises:
         DataError: unknown name, missing or unreadable file, or a malformed template.
     """
@@ -117,6 +127,10 @@ def load_template(prompt: str | None = None) -> PromptTemplate:
     if prompt in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[prompt]
     path = Path(prompt).expanduser()
+    if not path.is_file() and path.suffix.lower() == ".json" and path.stem in BUILTIN_TEMPLATES:
+        logger.warning("note: prompt template file %s does not exist; using the built-in %r template", prompt,
+                       path.stem)
+        return BUILTIN_TEMPLATES[path.stem]
     if not path.is_file():
         raise DataError(
             f"Prompt template {prompt!r} is neither a built-in template ({', '.join(BUILTIN_TEMPLATES)}) "
