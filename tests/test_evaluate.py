@@ -68,7 +68,7 @@ def all_texts():
     texts = list(EXTRA_WORDS)
     for task in ("arc-c", "arc-e", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande"):
         for item in fixture_items(task):
-            texts += [item.prompt, *item.contexts, *item.choices]
+            texts += [item.prompt, *item.loglikelihood.contexts, *item.loglikelihood.continuations]
     return texts
 
 
@@ -227,7 +227,7 @@ def reference_scores(hf, task, protocol, limit, max_length=None):
             out.append((labels - labels.exp().sum().log()).tolist())
             continue
         scores = []
-        for context, continuation in item.loglikelihood_requests():
+        for context, continuation in item.loglikelihood.pairs():
             ctx = TOKENIZER.encode(context)
             cont = TOKENIZER.encode(continuation, add_special_tokens=False)
             assert ctx + cont == TOKENIZER.encode(context + continuation)
@@ -360,14 +360,15 @@ def test_casual_tasks_are_skipped_and_no_benchmark_is_an_error(two_models):
 
 
 def made_up_results():
-    def result(adapter, task, protocol, answers, scores, lengths=()):
+    def result(adapter, task, protocol, answers, scores, lengths=(), metrics=("acc",)):
         return TaskResult(adapter, task, protocol, "test", list(answers), [list(s) for s in scores],
-                          [list(n) for n in lengths])
+                          [list(n) for n in lengths], metrics=metrics)
 
     return EvalResults([
         result("a", "arc-c", "choice", [0, 1], [[-0.1, -2.0], [-0.2, -1.0]]),  # 1 of 2
         result("a", "boolq", "choice", [1, 1, 0, 0], [[-1, -0.1]] * 4),  # 2 of 4
-        result("b", "arc-c", "loglikelihood", [1, 1], [[-3.0, -4.0], [-5.0, -4.0]], [[1, 8], [1, 1]]),
+        result("b", "arc-c", "loglikelihood", [1, 1], [[-3.0, -4.0], [-5.0, -4.0]], [[1, 8], [1, 1]],
+               ("acc", "acc_norm")),
     ], model="tiny-llama", split="eval", limit=4)
 
 

@@ -9,7 +9,7 @@ Public API (see each function's docstring for details):
     task_names("a;b") -> ("a", "b")         validated names of an adapter's task_name
     task_sources(names, data) -> [(task, data or None), ...]   the source of each task
     load_items(task_name, split, data=None, trust_remote_code=False, limit=None)
-        -> list[MultipleChoiceItem]
+        -> list[MultipleChoiceItem]          each with its lm-eval requests (LoglikelihoodRequests)
     build_training_examples(task_name, data=None, protocol="choice", prompt=None, *,
         trust_remote_code=False, limit=None, seed=0) -> list[TrainingExample]
     load_template(prompt) -> PromptTemplate  "alpaca" or a template JSON file
@@ -22,7 +22,7 @@ Public API (see each function's docstring for details):
 
 from mlora.data.casual import PromptTemplate, load_template
 from mlora.data.errors import DataError
-from mlora.data.items import PROTOCOLS, MultipleChoiceItem, TrainingExample
+from mlora.data.items import PROTOCOLS, LoglikelihoodRequests, MultipleChoiceItem, TrainingExample
 from mlora.data.load import build_training_examples, load_items, task_sources
 from mlora.data.registry import CASUAL, get_task, is_benchmark, task_names
 from mlora.data.task import Task
@@ -41,6 +41,7 @@ __all__ = [
     "IGNORE_INDEX",
     "PROTOCOLS",
     "DataError",
+    "LoglikelihoodRequests",
     "MultipleChoiceItem",
     "PromptTemplate",
     "Task",

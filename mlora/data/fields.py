@@ -26,15 +26,19 @@ def value(row: Mapping[str, Any], key: str) -> Any:
     return row[key]
 
 
-def text(row: Mapping[str, Any], key: str, allow_empty: bool = False) -> str:
-    """A string field, stripped of surrounding whitespace."""
+def text(row: Mapping[str, Any], key: str, allow_empty: bool = False, strip: bool = True) -> str:
+    """A string field, stripped of surrounding whitespace unless `strip` is False.
+
+    `strip=False` keeps the value exactly as stored (the `loglikelihood` strings are lm-eval's,
+    which renders fields as they are); a value of blanks only still counts as empty.
+    """
     raw = value(row, key)
     if not isinstance(raw, str):
         raise RowError(f"field {key!r} should be a string, got {type(raw).__name__} {raw!r}")
     stripped = raw.strip()
     if not stripped and not allow_empty:
         raise RowError(f"field {key!r} is empty")
-    return stripped
+    return stripped if strip else raw
 
 
 def boolean(row: Mapping[str, Any], key: str) -> bool:
@@ -80,8 +84,8 @@ def _decoded(raw: Any, key: str) -> Any:
         raise RowError(f"field {key!r} holds text that is neither JSON nor a literal: {raw[:60]!r}") from None
 
 
-def string_list(row: Mapping[str, Any], key: str, min_len: int = 2) -> list[str]:
-    """A list of non-empty strings with at least `min_len` entries (stripped)."""
+def string_list(row: Mapping[str, Any], key: str, min_len: int = 2, strip: bool = True) -> list[str]:
+    """A list of non-empty strings with at least `min_len` entries (stripped unless `strip` is False)."""
     raw = _decoded(value(row, key), key)
     if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Sequence):
         raise RowError(f"field {key!r} should be a list of strings, got {type(raw).__name__}")
@@ -92,20 +96,21 @@ def string_list(row: Mapping[str, Any], key: str, min_len: int = 2) -> list[str]
     for position, item in enumerate(items):
         if not isinstance(item, str) or not item.strip():
             raise RowError(f"field {key!r} entry {position} should be a non-empty string, got {item!r}")
-        out.append(item.strip())
+        out.append(item.strip() if strip else item)
     return out
 
 
-def labelled_choices(row: Mapping[str, Any], key: str = "choices") -> tuple[list[str], list[str]]:
+def labelled_choices(row: Mapping[str, Any], key: str = "choices", strip: bool = True) -> tuple[list[str], list[str]]:
     """The `{"text": [...], "label": [...]}` struct of ARC and OpenBookQA.
 
     Returns (texts, labels) of equal length (2 to 26 choices); labels are compared as
-    strings because the datasets mix "A".."E" with "1".."4".
+    strings because the datasets mix "A".."E" with "1".."4". Texts are stripped unless
+    `strip` is False; labels always are.
     """
     raw = _decoded(value(row, key), key)
     if not isinstance(raw, Mapping) or "text" not in raw or "label" not in raw:
         raise RowError(f"field {key!r} should be an object with 'text' and 'label' lists")
-    texts = string_list({"text": raw["text"]}, "text")
+    texts = string_list({"text": raw["text"]}, "text", strip=strip)
     labels = [label.strip() for label in string_list({"label": raw["label"]}, "label")]
     if len(texts) != len(labels):
         raise RowError(f"field {key!r} has {len(texts)} texts but {len(labels)} labels")

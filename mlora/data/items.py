@@ -5,10 +5,12 @@ Every benchmark row becomes one `MultipleChoiceItem` holding the strings both pr
 * `choice` (the MixLoRA paper's protocol, the default): `prompt` lists the options with
   letters and ends with "Answer:"; the training target is " " + the answer's letter; the
   evaluator compares the logits of this item's own letters at the position after `prompt`.
-* `loglikelihood` (lm-evaluation-harness): `contexts[i] + choices[i]` is choice i written
-  out; the training target is the right continuation, the evaluator sums log P(choices[i] |
-  contexts[i]) for every i. Contexts are equal except for WinoGrande, whose option sits
-  inside the context (the continuation is the shared rest of the sentence).
+* `loglikelihood` (lm-evaluation-harness): `item.loglikelihood` holds exactly the requests
+  lm-eval's matching task makes for the row (its context and continuation strings, its
+  choice order and its gold index, quirks included); the training target is the right
+  continuation after its context, and the evaluator sums log P(continuation | context) for
+  every choice. Contexts are equal except for WinoGrande, whose option sits inside the
+  context (the continuation is the shared rest of the sentence).
 
 Continuations and letter targets start with a space so that prompt + target reads as text;
 `mlora.data.tokenize` finds the token boundary by tokenizing the prompt and the whole.
@@ -26,6 +28,7 @@ Protocol = Literal["choice", "loglikelihood"]
 
 LETTERS = tuple(string.ascii_uppercase)
 ANSWER_CUE = "Answer:"
+TARGET_DELIMITER = " "  # lm-eval's default `target_delimiter`, between a context and each choice
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,40 @@ class TrainingExample:
 
 
 @dataclass(frozen=True)
+class LoglikelihoodRequests:
+    """One item as lm-evaluation-harness's task asks for it: choice i is scored by
+    log P(continuations[i] | contexts[i]).
+
+    Attributes:
+        contexts: the context of each choice; all equal except for WinoGrande (lm-eval's
+            "multiple input" task, where each option ends its own context).
+        continuations: each choice's continuation, starting with lm-eval's target delimiter.
+        answer: index of the right choice in this order (which may differ from the `choice`
+            protocol's order: BoolQ is "no", "yes" here and "yes", "no" there).
+    """
+
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    answer: int
+
+    def __post_init__(self) -> None:
+        n = len(self.continuations)
+        if n < 2 or len(self.contexts) != n:
+            raise ValueError(f"{len(self.contexts)} contexts and {n} continuations; need the same number (at least 2)")
+        if not 0 <= self.answer < n:
+            raise ValueError(f"answer index {self.answer} out of range for {n} choices")
+
+    @classmethod
+    def shared_context(cls, context: str, choices: Sequence[str], answer: int) -> LoglikelihoodRequests:
+        """lm-eval's usual layout: one context, then the delimiter and each choice."""
+        return cls((context,) * len(choices), tuple(TARGET_DELIMITER + choice for choice in choices), answer)
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """(context, continuation) for every choice, in lm-eval's choice order."""
+        return tuple(zip(self.contexts, self.continuations))
+
+
+@dataclass(frozen=True)
 class MultipleChoiceItem:
     """One benchmark question with its choices, ready for either protocol.
 
@@ -53,24 +90,24 @@ class MultipleChoiceItem:
             "Answer:"; the answer letter goes right after it.
         labels: the letters of this item's choices, "A", "B", ... (len == number of choices:
             an ARC item with 3 choices has 3 labels, never a fixed 5 or 9).
-        contexts: `loglikelihood` context for each choice (len == number of choices).
-        choices: `loglikelihood` continuation for each choice, with its leading space.
-        answer: index of the correct choice, 0 <= answer < len(labels).
+        choices: the option texts the prompt letters, in label order.
+        answer: index of the correct choice among `labels`, 0 <= answer < len(labels).
+        loglikelihood: the `loglikelihood` protocol's requests, in lm-eval's choice order.
     """
 
     task: str
     prompt: str
     labels: tuple[str, ...]
-    contexts: tuple[str, ...]
     choices: tuple[str, ...]
     answer: int
+    loglikelihood: LoglikelihoodRequests
 
     def __post_init__(self) -> None:
         n = len(self.labels)
-        if n < 2 or len(self.contexts) != n or len(self.choices) != n:
+        if n < 2 or len(self.choices) != n or len(self.loglikelihood.continuations) != n:
             raise ValueError(
-                f"{self.task}: {n} labels, {len(self.contexts)} contexts, {len(self.choices)} choices; "
-                "need the same number (at least 2) of each"
+                f"{self.task}: {n} labels, {len(self.choices)} choices, "
+                f"{len(self.loglikelihood.continuations)} loglikelihood requests; need the same number (at least 2)"
             )
         if not 0 <= self.answer < n:
             raise ValueError(f"{self.task}: answer index {self.answer} out of range for {n} choices")
@@ -80,16 +117,15 @@ class MultipleChoiceItem:
         """What follows `prompt` for each letter under the `choice` protocol: " A", " B", ..."""
         return tuple(" " + label for label in self.labels)
 
-    def loglikelihood_requests(self) -> tuple[tuple[str, str], ...]:
-        """(context, continuation) for every choice, in choice order."""
-        return tuple(zip(self.contexts, self.choices))
-
     def training_example(self, protocol: Protocol = "choice") -> TrainingExample:
-        """The (prompt, target) pair the adapter is trained on under `protocol`."""
+        """The (prompt, target) pair the adapter is trained on under `protocol`: the strings
+        that protocol scores, so training and evaluation see the same text."""
         if protocol == "choice":
             return TrainingExample(self.task, self.prompt, self.label_targets[self.answer])
         if protocol == "loglikelihood":
-            return TrainingExample(self.task, self.contexts[self.answer], self.choices[self.answer])
+            requests = self.loglikelihood
+            return TrainingExample(self.task, requests.contexts[requests.answer],
+                                   requests.continuations[requests.answer])
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
 
 
@@ -101,18 +137,14 @@ def lettered_prompt(stem: str, options: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def question_item(task: str, stem: str, options: Sequence[str], answer: int) -> MultipleChoiceItem:
-    """The common layout: a question stem with options, answered by letter or by option text.
-
-    The `loglikelihood` context is the stem followed by the answer cue, and each option is
-    its continuation: "Question: ...\\nAnswer:" + " option".
-    """
-    context = f"{stem}\n{ANSWER_CUE}"
+def question_item(task: str, stem: str, options: Sequence[str], answer: int,
+                  loglikelihood: LoglikelihoodRequests) -> MultipleChoiceItem:
+    """The common `choice` layout: a question stem, its lettered options and the answer cue."""
     return MultipleChoiceItem(
         task=task,
         prompt=lettered_prompt(stem, options),
         labels=LETTERS[: len(options)],
-        contexts=(context,) * len(options),
-        choices=tuple(" " + option for option in options),
+        choices=tuple(options),
         answer=answer,
+        loglikelihood=loglikelihood,
     )

@@ -22,6 +22,10 @@ class Task:
         train_split / eval_split: split names on the hub and file names in a local folder.
         fields: the row fields the parser reads, in the hub's schema (for messages/docs).
         parser: `(task name, row) -> MultipleChoiceItem`; raises `RowError` on a bad row.
+        harness_task: the lm-evaluation-harness task whose requests the `loglikelihood`
+            protocol reproduces ("arc_challenge").
+        harness_metrics: the metrics that lm-eval task reports, and so the `loglikelihood`
+            protocol ("acc" always; "acc_norm" where lm-eval has it).
     """
 
     name: str
@@ -31,10 +35,17 @@ class Task:
     eval_split: str
     fields: tuple[str, ...]
     parser: RowParser
+    harness_task: str
+    harness_metrics: tuple[str, ...] = ("acc", "acc_norm")
 
     def item(self, row: Mapping[str, Any]) -> MultipleChoiceItem:
         """Parse one row in this task's schema (raises `RowError` when malformed)."""
         return self.parser(self.name, row)
+
+    def metrics(self, protocol: str) -> tuple[str, ...]:
+        """What is reported under `protocol`: `choice` has accuracy only; `loglikelihood` has
+        the metrics of lm-eval's task."""
+        return self.harness_metrics if protocol == "loglikelihood" else ("acc",)
 
     def split_name(self, split: str) -> str:
         """Map "train" / "eval" to this task's split names; other names pass through."""

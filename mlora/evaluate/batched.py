@@ -4,10 +4,17 @@ Every (adapter, task) turns into rows of token ids (`mlora.evaluate.protocols`).
 rows are sorted by length and cut into batches of its ``evaluate_batch_size``; one forward of
 the shared base takes the next batch of up to ``eval_lora_simultaneously_num`` adapters at once,
 laid out as contiguous row segments (`BatchLayout`); bare-base rows go after every segment.
-Rows are padded on one side: on the right (the default) the real tokens keep positions
-0..n-1 and causal attention never sees the padding, so a score equals the unpadded one; on
-the left each row's logits are read at its own offset, and rotary models give the same scores
-(attention depends on relative positions only) up to float rounding.
+
+The forward gets each row's own positions and attention: plain causal rows with a padding
+mask, and for rows where the choices of an item share their context (`protocols.sequence_rows`)
+a 4-D mask that keeps each choice's block to the context and itself. Rows are padded on the
+left (the default) so that every position a score is read at sits in the last columns, and
+the LM head runs on those columns only (``logits_to_keep``), not on every position. With
+explicit positions the padding side does not change a score.
+
+``share_context=False`` keeps the earlier plain layout: one row per choice, no explicit
+positions, logits at every position. It is slower and serves as the reference the shared
+layout is checked and timed against (`bench/eval_throughput.py`).
 """
 
 from __future__ import annotations
@@ -22,13 +29,13 @@ import torch
 
 from mlora.data import BENCHMARK_TASKS, PROTOCOLS, get_task, load_items, task_sources
 from mlora.evaluate.protocols import (
+    NO_LIMIT,
     EvaluationError,
+    Read,
     Row,
     choice_rows,
-    continuation_length,
     loglikelihood_rows,
     score_choice,
-    score_loglikelihood,
     truncate_left,
 )
 from mlora.evaluate.results import EvalResults, TaskResult
@@ -122,71 +129,155 @@ def _schedule(queues: list[list[list[Row]]], simultaneous: int) -> Iterator[list
         active = [i for i in active if cursor[i] < len(queues[i])]
 
 
-def _run_batch(model, group: list[tuple[EvalSpec, list[Row]]], pad_id: int, padding_side: str,
-               device) -> list[tuple[Row, list[float]]]:
-    """One forward over the rows of several variants; returns each row's scores.
+def _run_batch(model, group: list[tuple[EvalSpec, list[Row]]], pad_id: int, padding_side: str, device,
+               plain: bool) -> list[tuple[Row, Read, list[float]]]:
+    """One forward over the rows of several variants; returns every read with its scores.
 
     Adapter rows form one segment per adapter; bare-base rows go last, outside every segment
-    (uncovered rows get the frozen model). Scores: `score_choice` of a ``labels`` row (one per
-    label), ``[score_loglikelihood]`` of a ``sequence`` row.
+    (uncovered rows get the frozen model). Scores: `score_choice` of a ``labels`` read (one
+    per label), ``[summed log-likelihood]`` of a ``sequence`` read. `plain`: the reference
+    forward (no explicit positions, logits at every position).
     """
     group = sorted(group, key=lambda g: g[0].adapter is None)
     rows = [row for _, batch in group for row in batch]
     width = max(len(r.ids) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.bool)
     offsets = []
     for b, row in enumerate(rows):
         offset = width - len(row.ids) if padding_side == "left" else 0
         input_ids[b, offset:offset + len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
-        mask[b, offset:offset + len(row.ids)] = 1
+        real[b, offset:offset + len(row.ids)] = True
         offsets.append(offset)
-    layout = BatchLayout.from_sizes([(spec.adapter, len(batch)) for spec, batch in group if spec.adapter is not None])
-    logits = model(input_ids.to(device), mask.to(device), layout).logits  # (B, T, V)
-    out = []
-    for b, row in enumerate(rows):
-        positions = [offsets[b] + p for p in row.positions]
-        if row.kind == "labels":
-            out.append((row, score_choice(logits[b, positions[0]], row.targets).tolist()))
-        else:
-            out.append((row, [score_loglikelihood(logits[b, positions], row.targets)]))
+    sizes = [(spec.adapter, len(batch)) for spec, batch in group if spec.adapter is not None]
+    if plain:
+        logits = model(input_ids.to(device), real.long().to(device), BatchLayout.from_sizes(sizes)).logits
+        first = 0
+    else:
+        logits, first = _forward_kept(model, rows, input_ids, real, offsets, sizes, device)
+    # Column c of row b is column offsets[b] + c - first of `logits`.
+    reads = [(b, read) for b, row in enumerate(rows) for read in row.reads]
+    out = [(rows[b], read, score_choice(logits[b, offsets[b] + read.columns[0] - first], read.targets).tolist())
+           for b, read in reads if rows[b].kind == "labels"]
+    sequences = [(b, read) for b, read in reads if rows[b].kind == "sequence"]
+    if sequences:
+        sums = _sequence_sums(logits, [(b, [offsets[b] + c - first for c in read.columns], read.targets)
+                                       for b, read in sequences])
+        out.extend((rows[b], read, [value]) for (b, read), value in zip(sequences, sums))
     return out
 
 
-def _prepare(tokenizer, specs: Sequence[EvalSpec], split: str, limit: int | None,
-             max_length: int | None) -> tuple[list[TaskResult], list[list[list[Row]]]]:
+def _sequence_sums(logits: torch.Tensor, reads: list[tuple[int, list[int], list[int]]]) -> list[float]:
+    """For each ``(row, columns, targets)``: sum_j log softmax(logits[row, columns[j]])[targets[j]],
+    in fp32, with one log-softmax per distinct position (the choices of an item share the one
+    that predicts their first token)."""
+    rows = torch.tensor([b for b, columns, _ in reads for _ in columns])
+    columns = torch.tensor([c for _, cs, _ in reads for c in cs])
+    targets = torch.tensor([t for _, _, ts in reads for t in ts], device=logits.device)
+    owner = torch.tensor([i for i, (_, cs, _) in enumerate(reads) for _ in cs], device=logits.device)
+    keys, where = torch.unique(rows * logits.shape[1] + columns, return_inverse=True)
+    picked = logits[(keys // logits.shape[1]).to(logits.device), (keys % logits.shape[1]).to(logits.device)]
+    log_probs = torch.log_softmax(picked.float(), dim=-1)[where.to(logits.device), targets]
+    sums = torch.zeros(len(reads), dtype=torch.float32, device=logits.device).index_add_(0, owner, log_probs)
+    return sums.tolist()
+
+
+def _forward_kept(model, rows: list[Row], input_ids, real, offsets: list[int], sizes, device):
+    """The forward with each row's own positions and attention, and logits for the last columns
+    only: as many as the row whose first read is furthest from its end needs.
+
+    Returns ``(logits (B, K, V), the index of the first kept column)``.
+    """
+    batch, width = input_ids.shape
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        positions[b, offsets[b]:offsets[b] + len(row.ids)] = torch.tensor(row.positions(), dtype=torch.long)
+    keep = max(width - offsets[b] - row.first_read() for b, row in enumerate(rows))
+    if any(row.blocks for row in rows):
+        dtype = model.model.get_input_embeddings().weight.dtype
+        mask = _block_mask(rows, offsets, width, dtype if dtype.is_floating_point else torch.float32)
+    else:
+        mask = real.long()
+    # The layout is installed for this one call; no router logits are kept (nothing trains).
+    layout = BatchLayout.from_sizes(sizes, token_mask=real.to(device))
+    layout.record = False
+    with model.context.using(layout):
+        out = model.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                          position_ids=positions.to(device), logits_to_keep=keep, use_cache=False)
+    return out.logits, width - keep
+
+
+def _block_mask(rows: list[Row], offsets: list[int], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive ``(B, 1, T, T)`` attention mask of rows with blocks (`Row.segments`): 0 where
+    a query may see a key, the dtype's minimum elsewhere. Padding sees itself only, so that no
+    softmax row is empty; its outputs are never read."""
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        segment[b, offsets[b]:offsets[b] + len(row.ids)] = torch.tensor(row.segments(), dtype=torch.long)
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros((len(rows), 1, width, width), dtype=dtype)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def _share_within(model, spec: EvalSpec, max_length: int | None) -> int | None:
+    """The longest request for which the choices of an item may share a row; None: never.
+
+    A shared row needs a custom attention mask (eager or sdpa attention); that mask leaves out
+    any sliding window, so every request must fit in the window; and a mixlora-switch adapter
+    counts expert capacity per row, so its choices keep one row each.
+    """
+    config = getattr(model.model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return None
+    if getattr(model.configs.get(spec.adapter), "routing_strategy", None) == "mixlora-switch":
+        return None
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return min((n for n in (max_length, window) if n is not None), default=NO_LIMIT)
+
+
+def _batches(rows: list[Row], size: int) -> list[list[Row]]:
+    # Longest first: neighbours in a batch have similar lengths, and memory peaks early. Shared
+    # rows batch apart from plain ones, so plain rows keep the model's own (windowed) mask.
+    out = []
+    for shared in (False, True):
+        kind = sorted((r for r in rows if bool(r.blocks) == shared), key=lambda r: -len(r.ids))
+        out += [kind[i:i + size] for i in range(0, len(kind), size)]
+    return out
+
+
+def _prepare(model, tokenizer, specs: Sequence[EvalSpec], split: str, limit: int | None,
+             max_length: int | None, share_context: bool) -> tuple[list[TaskResult], list[list[list[Row]]]]:
     """Load and tokenize every (spec, task): empty results to fill, and each spec's batches."""
     items_cache: dict = {}
     results: list[TaskResult] = []
     queues: list[list[list[Row]]] = []
     for spec in specs:
+        share_within = _share_within(model, spec, max_length) if share_context else None
         spec_rows: list[Row] = []
         for task, data, protocol in spec.tasks:
             key = (task, os.fspath(data) if isinstance(data, os.PathLike) else data)
             if key not in items_cache:
                 items_cache[key] = load_items(task, split, data, limit=limit)
             owner = len(results)
-            result = TaskResult(spec.name, task, protocol, get_task(task).split_name(split))
+            info = get_task(task)
+            result = TaskResult(spec.name, task, protocol, info.split_name(split), metrics=info.metrics(protocol))
+            rows_of = loglikelihood_rows if protocol == "loglikelihood" else choice_rows
             for index, item in enumerate(items_cache[key]):
-                result.answers.append(item.answer)
-                result.scores.append([0.0] * len(item.labels))  # an empty continuation keeps 0
-                if protocol == "loglikelihood":
-                    result.lengths.append([continuation_length(c) for c in item.choices])
-                    rows = loglikelihood_rows(tokenizer, item, owner, index)
-                else:
-                    rows = choice_rows(tokenizer, item, owner, index)
+                result.add_item(item)  # an empty continuation keeps its score 0
+                rows = rows_of(tokenizer, item, owner, index, share_within)
                 result.truncated += sum(truncate_left(row, max_length) for row in rows)
                 spec_rows.extend(rows)
             results.append(result)
-        # Longest first: neighbours in a batch have similar lengths, and memory peaks early.
-        spec_rows.sort(key=lambda r: -len(r.ids))
-        queues.append([spec_rows[i:i + spec.batch_size] for i in range(0, len(spec_rows), spec.batch_size)])
+        queues.append(_batches(spec_rows, spec.batch_size))
     return results, queues
 
 
 def evaluate(model, tokenizer, specs: Sequence[EvalSpec], *, simultaneous: int = 1, limit: int | None = None,
-             split: str = "eval", padding_side: str = "right", max_length: int | None = None,
-             model_name: str | None = None, progress: bool = False) -> EvalResults:
+             split: str = "eval", padding_side: str = "left", max_length: int | None = None,
+             model_name: str | None = None, progress: bool = False, share_context: bool = True) -> EvalResults:
     """Score every spec on each of its tasks in shared batched forwards.
 
     Args:
@@ -196,11 +287,15 @@ def evaluate(model, tokenizer, specs: Sequence[EvalSpec], *, simultaneous: int =
         simultaneous: variants per forward (``eval_lora_simultaneously_num``).
         limit: score only the first `limit` items of each task.
         split: ``eval`` (each task's evaluation split) or a literal split name.
-        padding_side: ``right`` or ``left``; scores do not depend on it.
+        padding_side: ``left`` or ``right``; scores do not depend on it (``left`` keeps the
+            positions that are read together at the end, so the head runs on fewer columns).
         max_length: rows longer than this lose tokens on the left; None: the model's
             ``max_position_embeddings`` (no cut if it has none).
         model_name: recorded in the results.
         progress: show a progress bar over forwards.
+        share_context: score the choices of an item in one row that holds their shared
+            context once, and run the head at the read positions only (see the module
+            docstring); False: the plain reference layout, one row per choice.
     Returns:
         `EvalResults` with one `TaskResult` per (spec, task), in order.
     Raises:
@@ -216,7 +311,7 @@ def evaluate(model, tokenizer, specs: Sequence[EvalSpec], *, simultaneous: int =
     if max_length is None:
         max_length = getattr(getattr(model.model, "config", None), "max_position_embeddings", None)
     start = time.perf_counter()
-    results, queues = _prepare(tokenizer, specs, split, limit, max_length)
+    results, queues = _prepare(model, tokenizer, specs, split, limit, max_length, share_context)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     forwards = list(_schedule(queues, simultaneous))
@@ -228,11 +323,11 @@ def evaluate(model, tokenizer, specs: Sequence[EvalSpec], *, simultaneous: int =
         with torch.no_grad():
             for forward in forwards:
                 group = [(specs[i], rows) for i, rows in forward]
-                for row, scores in _run_batch(model, group, pad_id, padding_side, device):
+                for row, read, scores in _run_batch(model, group, pad_id, padding_side, device, not share_context):
                     if row.kind == "labels":
                         results[row.owner].scores[row.item] = scores
                     else:
-                        results[row.owner].scores[row.item][row.choice] = scores[0]
+                        results[row.owner].scores[row.item][read.choice] = scores[0]
                         if results[row.owner].protocol == "choice":
                             letter_sequences.add((row.owner, row.item))
                 if bar is not None:

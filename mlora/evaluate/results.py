@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlora.evaluate.protocols import argmax
+from mlora.evaluate.protocols import argmax, continuation_length
 
 RESULTS_STEM = "eval_results"
 FORMAT_VERSION = 1
@@ -26,9 +26,12 @@ class TaskResult:
         split: the split name read ("test" for ARC and OBQA, "validation" for the others).
         answers: the correct choice of each item.
         scores: per item, one score per choice: the restricted log-probability of its letter
-            (choice) or the summed log-likelihood of its continuation (loglikelihood).
+            (choice) or the summed log-likelihood of its continuation (loglikelihood, in
+            lm-eval's choice order).
         lengths: per item, the characters per choice `acc_norm` divides by (loglikelihood only).
         truncated: rows cut on the left to fit the model's positions.
+        metrics: what is reported: ("acc",), or ("acc", "acc_norm") for the loglikelihood
+            tasks where lm-eval reports acc_norm (`Task.metrics`); `acc_norm` is None otherwise.
     """
 
     adapter: str
@@ -39,6 +42,18 @@ class TaskResult:
     scores: list[list[float]] = field(default_factory=list)
     lengths: list[list[int]] = field(default_factory=list)
     truncated: int = 0
+    metrics: tuple[str, ...] = ("acc",)
+
+    def add_item(self, item) -> None:
+        """Append a `MultipleChoiceItem`: its answer and choice lengths under this result's
+        protocol, with every score 0 until the scores are filled in."""
+        if self.protocol == "loglikelihood":
+            requests = item.loglikelihood
+            self.answers.append(requests.answer)
+            self.lengths.append([continuation_length(c) for c in requests.continuations])
+        else:
+            self.answers.append(item.answer)
+        self.scores.append([0.0] * len(item.labels))
 
     @property
     def items(self) -> int:
@@ -51,8 +66,8 @@ class TaskResult:
 
     @property
     def norm_predictions(self) -> list[int] | None:
-        """The chosen choice by score per character (loglikelihood only)."""
-        if self.protocol != "loglikelihood":
+        """The chosen choice by score per character (None where acc_norm is not reported)."""
+        if "acc_norm" not in self.metrics:
             return None
         return [argmax([s / n for s, n in zip(ss, ns)]) for ss, ns in zip(self.scores, self.lengths)]
 
@@ -86,7 +101,7 @@ class EvalResults:
     model: str | None = None
     split: str = "eval"
     limit: int | None = None
-    padding_side: str = "right"
+    padding_side: str = "left"
     seconds: float = 0.0
 
     @property
@@ -116,13 +131,15 @@ class EvalResults:
         """The JSON document `save_results` writes::
 
             {"format": 1, "model": "<base model>", "split": "eval", "limit": null,
-             "padding_side": "right", "created": "<UTC time>", "seconds": 12.3,
+             "padding_side": "left", "created": "<UTC time>", "seconds": 12.3,
              "results": [{"adapter", "task", "protocol", "split" (the split read: "test" or
-                          "validation"), "items", "correct", "acc", "acc_norm" (null under
-                          choice), "truncated"}, ...],
+                          "validation"), "items", "correct", "acc", "acc_norm" (null where the
+                          task reports none: under choice, and for boolq, siqa and winogrande,
+                          which lm-eval scores by acc only), "truncated"}, ...],
              "averages": [{"adapter", "protocol", "tasks", "items", "acc", "acc_norm"}, ...]}
 
-        Accuracies are fractions in [0, 1]; an average is the unweighted mean over tasks.
+        Accuracies are fractions in [0, 1]; an average is the unweighted mean over tasks (its
+        acc_norm is null unless every one of the adapter's tasks has one).
         """
         return {
             "format": FORMAT_VERSION,
@@ -147,16 +164,17 @@ def _percent(value: float | None) -> str:
 def format_table(results: EvalResults) -> str:
     """The adapters x tasks table (accuracy in %, unweighted average last) as text.
 
-    An adapter scored under ``loglikelihood`` gets a second line, ``acc_norm``; a task an
-    adapter was not scored on shows ``-``. A footer gives the item count of each task.
+    An adapter with a task that reports ``acc_norm`` (``loglikelihood`` on ARC, OBQA, PIQA,
+    HellaSwag) gets a second line for it; a task without that metric, or that the adapter was
+    not scored on, shows ``-``. A footer gives the item count of each task.
     """
     tasks = list(dict.fromkeys(r.task for r in results.tasks))
     averages = {a["adapter"]: a for a in results.averages()}
     header = ["adapter", "metric", *tasks, "avg"]
     lines = [header]
     for name in results.adapters:
-        ll = any(r.protocol == "loglikelihood" for r in results.tasks if r.adapter == name)
-        metrics = ["acc", "acc_norm"] if ll else ["acc"]
+        norm = any("acc_norm" in r.metrics for r in results.tasks if r.adapter == name)
+        metrics = ["acc", "acc_norm"] if norm else ["acc"]
         for metric in metrics:
             cells = []
             for task in tasks:

@@ -41,13 +41,13 @@ def _write_parquet(path, rows):
 
 
 def _piqa_answers(items):
-    return [(item.contexts[0], item.answer) for item in items]
+    return [(item.loglikelihood.contexts[0], item.answer) for item in items]
 
 
 PIQA_EXPECTED = [
-    ("Goal: To cool soup,\nAnswer:", 0),
-    ("Goal: To find a lost key,\nAnswer:", 1),
-    ("Goal: To fold a shirt,\nAnswer:", 0),
+    ("Question: To cool soup,\nAnswer:", 0),
+    ("Question: To find a lost key,\nAnswer:", 1),
+    ("Question: To fold a shirt,\nAnswer:", 0),
 ]
 
 
@@ -58,6 +58,16 @@ def test_jsonl_file_and_folder(tmp_path):
     _write_jsonl(tmp_path / "validation.jsonl", PIQA_ROWS)
     assert _piqa_answers(load_items("piqa", "eval", tmp_path)) == PIQA_EXPECTED
     assert _piqa_answers(load_items("piqa", "validation", tmp_path / "validation.jsonl")) == PIQA_EXPECTED
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_file_in_another_encoding_names_the_file_and_the_encoding(tmp_path, suffix):
+    path = tmp_path / f"validation{suffix}"
+    text = "goal,sol1,sol2,label\ncaf\u00e9,a,b,0\n" if suffix == ".csv" else json.dumps({"goal": "caf\u00e9"},
+                                                                                        ensure_ascii=False)
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"validation\{suffix}: not UTF-8 text \(byte 0xe9.*convert it"):
+        load_items("piqa", "eval", path)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """Every task turns its hand-written fixture rows into the prompts, labels and targets written
-out below by hand (tests/fixtures/<task>/)."""
+out below by hand (tests/fixtures/<task>/). The `loglikelihood` strings are also compared with
+the ones lm-eval's own task definitions produce, in test_harness_parity.py."""
 
 import json
 
@@ -9,6 +10,7 @@ from mlora.data import (
     BENCHMARK_TASKS,
     DataError,
     MultipleChoiceItem,
+    TrainingExample,
     build_training_examples,
     get_task,
     is_benchmark,
@@ -16,6 +18,7 @@ from mlora.data import (
     task_names,
     task_sources,
 )
+from mlora.data.items import LoglikelihoodRequests
 
 
 def _eval(task, fixtures):
@@ -122,7 +125,7 @@ def test_arc_three_choices(fixtures):
     assert item.label_targets == (" A", " B", " C")
     assert item.answer == 1
     assert item.training_example("choice").target == " B"
-    assert item.loglikelihood_requests() == (
+    assert item.loglikelihood.pairs() == (
         ("Question: Which object is the best conductor of electricity?\nAnswer:", " a rubber band"),
         ("Question: Which object is the best conductor of electricity?\nAnswer:", " a copper wire"),
         ("Question: Which object is the best conductor of electricity?\nAnswer:", " a wooden stick"),
@@ -164,12 +167,25 @@ def test_boolq_prompt_carries_the_passage(fixtures):
     assert false_item.labels == ("A", "B")
     assert false_item.training_example().target == " B"
     assert true_item.training_example().target == " A"
-    assert true_item.choices == (" yes", " no")
-    assert true_item.contexts[0] == (
+    assert true_item.choices == ("yes", "no")
+    # lm-eval's boolq: "no" first, so the answer index differs from the lettered one.
+    assert true_item.loglikelihood.continuations == (" no", " yes")
+    assert (true_item.answer, true_item.loglikelihood.answer) == (0, 1)
+    assert (false_item.answer, false_item.loglikelihood.answer) == (1, 0)
+    assert true_item.loglikelihood.contexts[0] == (
         "Many bats hunt at night by making high-pitched calls and listening for the echoes that bounce "
         "back from insects.\nQuestion: do bats use echoes to find food?\nAnswer:"
     )
     assert true_item.training_example("loglikelihood").target == " yes"
+    assert false_item.training_example("loglikelihood").target == " no"
+
+
+def test_boolq_question_mark_is_added_even_after_one(tmp_path):
+    from mlora.data.boolq import parse_boolq
+
+    item = parse_boolq("boolq", {"question": "is it wet?", "passage": "Rain.", "answer": True})
+    assert item.prompt.startswith("Rain.\nQuestion: is it wet?\nA. yes")
+    assert item.loglikelihood.contexts[0] == "Rain.\nQuestion: is it wet??\nAnswer:"
 
 
 def test_obqa(fixtures):
@@ -179,7 +195,9 @@ def test_obqa(fixtures):
         "A. a microscope\nB. a telescope\nC. a magnet\nD. a thermometer\nAnswer:"
     )
     assert item.training_example().target == " B"
-    assert item.training_example("loglikelihood").target == " a telescope"
+    ll = item.training_example("loglikelihood")
+    assert (ll.prompt, ll.target) == ("A person wants to see a distant star more clearly. They should use",
+                                      " a telescope")
 
 
 def test_piqa(fixtures):
@@ -189,7 +207,10 @@ def test_piqa(fixtures):
         "A. Pull both ends as hard as possible.\nB. Work the knot loose with two pins.\nAnswer:"
     )
     assert item.training_example().target == " B"
-    assert item.choices == (" Pull both ends as hard as possible.", " Work the knot loose with two pins.")
+    assert item.loglikelihood.pairs() == (
+        ("Question: How do I untangle a knotted necklace?\nAnswer:", " Pull both ends as hard as possible."),
+        ("Question: How do I untangle a knotted necklace?\nAnswer:", " Work the knot loose with two pins."),
+    )
 
 
 def test_siqa_string_labels_count_from_one(fixtures):
@@ -200,8 +221,9 @@ def test_siqa_string_labels_count_from_one(fixtures):
     )
     assert item.labels == ("A", "B", "C")
     assert item.training_example().target == " C"
-    assert item.training_example("loglikelihood").prompt == (
-        "Clara invited her whole class to her birthday party.\nQuestion: Why did Clara do this?\nAnswer:"
+    ll = item.training_example("loglikelihood")
+    assert (ll.prompt, ll.target) == (
+        "Q: Clara invited her whole class to her birthday party. Why did Clara do this?\nA:", " to include everyone"
     )
 
 
@@ -215,8 +237,8 @@ def test_hellaswag_string_labels_and_context(fixtures):
         "C. plants tomatoes in the snow.\n"
         "D. paints the snow blue with a roller.\nAnswer:"
     )
-    assert item.contexts == (context,) * 4
-    assert item.choices[0] == " pushes a shovel along the ground and tosses the snow aside."
+    assert item.loglikelihood.contexts == (context,) * 4
+    assert item.loglikelihood.continuations[0] == " pushes a shovel along the ground and tosses the snow aside."
     assert item.training_example().target == " A"
     last = _eval("hellaswag", fixtures)[3]  # label "3"
     assert last.training_example().target == " D"
@@ -225,14 +247,34 @@ def test_hellaswag_string_labels_and_context(fixtures):
 
 def test_hellaswag_wikihow_markup_is_removed(fixtures):
     item = _eval("hellaswag", fixtures)[4]
-    assert item.contexts[0] == (
+    assert item.prompt.startswith(
+        "Food and Entertaining: How to make lemonade. Squeeze the lemons. "
+        "Cut each lemon in half and press out the juice.\nWhich ending fits best?\n"
+        "A. Stir the juice with water and sugar until the sugar dissolves.\n"
+    )
+    assert item.loglikelihood.contexts[0] == (
         "Food and Entertaining: How to make lemonade. Squeeze the lemons. "
         "Cut each lemon in half and press out the juice."
     )
-    assert item.choices[:2] == (
-        " Stir the juice with water and sugar until the sugar dissolves.",
-        " Throw the juice away and keep the peels.",
+    # lm-eval removes a leading "[title]" but keeps the space after it.
+    assert item.loglikelihood.continuations[:3] == (
+        "  Stir the juice with water and sugar until the sugar dissolves.",
+        "  Throw the juice away and keep the peels.",
+        " Freeze the lemons whole and serve them as ice.",
     )
+
+
+def test_hellaswag_loglikelihood_keeps_lm_evals_quirks():
+    from mlora.data.hellaswag import parse_hellaswag
+
+    row = {"activity_label": "Phones", "ctx_a": "A man  holds a phone.", "ctx_b": "he opens the iPhone   app",
+           "endings": ["[step] taps it.", "x"], "label": "0"}
+    item = parse_hellaswag("hellaswag", row)
+    # str.capitalize lowercases the rest of ctx_b; each pair of spaces becomes one space.
+    assert item.loglikelihood.contexts[0] == "Phones: A man holds a phone. He opens the iphone  app"
+    assert item.loglikelihood.continuations == ("  taps it.", " x")
+    # The choice protocol's prompt keeps the text as written, spaces collapsed.
+    assert item.prompt.startswith("Phones: A man holds a phone. He opens the iPhone app\n")
 
 
 def test_hellaswag_row_with_ctx_only():
@@ -240,7 +282,7 @@ def test_hellaswag_row_with_ctx_only():
 
     row = {"activity_label": "Rowing", "ctx": "A team pushes a boat into a lake.", "endings": ["w", "y"], "label": 1}
     item = parse_hellaswag("hellaswag", row)
-    assert item.contexts == ("Rowing: A team pushes a boat into a lake.",) * 2
+    assert item.loglikelihood.contexts == ("Rowing: A team pushes a boat into a lake.",) * 2
     assert item.labels == ("A", "B")
     assert item.answer == 1
 
@@ -252,7 +294,7 @@ def test_winogrande_fills_the_blank(fixtures):
         "A. The trophy would not fit in the suitcase because the trophy was too large.\n"
         "B. The trophy would not fit in the suitcase because the suitcase was too large.\nAnswer:"
     )
-    assert item.loglikelihood_requests() == (
+    assert item.loglikelihood.pairs() == (
         ("The trophy would not fit in the suitcase because the trophy", " was too large."),
         ("The trophy would not fit in the suitcase because the suitcase", " was too large."),
     )
@@ -265,19 +307,36 @@ def test_winogrande_fills_the_blank(fixtures):
 
 def test_winogrande_blank_at_the_start(fixtures):
     item = _eval("winogrande", fixtures)[6]
-    assert item.contexts == ("Ben", "Mark")
-    assert item.choices == (" washed the dishes while Mark dried them, so Ben's hands got wet.",) * 2
+    assert item.loglikelihood.contexts == ("Ben", "Mark")
+    assert item.loglikelihood.continuations == (" washed the dishes while Mark dried them, so Ben's hands got wet.",) * 2
+
+
+def test_winogrande_rest_always_follows_a_space():
+    from mlora.data.winogrande import parse_winogrande
+
+    row = {"sentence": "Ann lent Kim a pen because _'s pen broke.", "option1": "Ann", "option2": "Kim", "answer": "2"}
+    item = parse_winogrande("winogrande", row)
+    assert item.loglikelihood.pairs() == (("Ann lent Kim a pen because Ann", " 's pen broke."),
+                                          ("Ann lent Kim a pen because Kim", " 's pen broke."))
+    assert item.choices[1] == "Ann lent Kim a pen because Kim's pen broke."  # the choice protocol fills it as written
 
 
 # ----------------------------------------------------------------------------- item type
 
 
 def test_item_checks_its_shape():
+    requests = LoglikelihoodRequests.shared_context("c", ["x", "y"], 1)
+    assert requests.pairs() == (("c", " x"), ("c", " y"))
     with pytest.raises(ValueError, match="same number"):
-        MultipleChoiceItem("t", "p", ("A", "B"), ("c",), (" x", " y"), 0)
+        MultipleChoiceItem("t", "p", ("A", "B"), ("x",), 0, requests)
+    with pytest.raises(ValueError, match="same number"):
+        MultipleChoiceItem("t", "p", ("A", "B", "C"), ("x", "y", "z"), 0, requests)
     with pytest.raises(ValueError, match="out of range"):
-        MultipleChoiceItem("t", "p", ("A", "B"), ("c", "c"), (" x", " y"), 2)
-    item = MultipleChoiceItem("t", "p", ("A", "B"), ("c", "c"), (" x", " y"), 0)
+        MultipleChoiceItem("t", "p", ("A", "B"), ("x", "y"), 2, requests)
+    with pytest.raises(ValueError, match="out of range"):
+        LoglikelihoodRequests(("c", "c"), (" x", " y"), 2)
+    item = MultipleChoiceItem("t", "p", ("A", "B"), ("x", "y"), 0, requests)
+    assert item.training_example("loglikelihood") == TrainingExample("t", "c", " y")
     with pytest.raises(ValueError, match="unknown protocol"):
         item.training_example("letters")
 

@@ -134,7 +134,7 @@ def test_split_ids_for_evaluation(make_tokenizer, fixtures):
     letters = [split_ids(tokenizer, item.prompt, target) for target in item.label_targets]
     assert [continuation for _, continuation in letters] == [[6], [7], [8]]
     assert letters[0][0][-2:] == [4, 5]  # the context ends at "Answer :"
-    context, continuation = split_ids(tokenizer, *item.loglikelihood_requests()[1])
+    context, continuation = split_ids(tokenizer, *item.loglikelihood.pairs()[1])
     assert context[-2:] == [4, 5]
     assert continuation == [9, 10, 11]  # " a copper wire"
     merged = make_tokenizer(["the", "cat", "cats"], split_punctuation=False)
