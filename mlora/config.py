@@ -134,6 +134,13 @@ class LoraConfig:
     max_grad_norm: float = _f(1.0, "Gradient-clipping norm; 0 disables clipping.", ge=0)
     expand_side: Literal["left", "right"] = _f("right", "Padding side of a micro-batch.")
 
+    # Class attributes, not fields (no annotation), so never run-config keys: what peft's and the
+    # mixlora package's configs tell a caller. `MixLoraModelForCausalLM.from_pretrained` sets the
+    # base model it loaded (the name to give AutoTokenizer); None for a config built otherwise.
+    base_model_name_or_path = None
+    peft_type = "LORA"
+    task_type = "CAUSAL_LM"
+
     def __post_init__(self) -> None:
         _finish(self)
 
@@ -245,6 +252,8 @@ class MixLoraConfig(LoraConfig):
     ffn_dropout: float = _f(0.0, "Dropout on the routed FFN output while training (mixlora-switch).", ge=0, lt=1)
     sparse_step: Optional[int] = _f(None, "Experts only on every n-th layer (plain LoRA FFN elsewhere); null = all.", ge=1)
     expert_lora: Optional[ExpertLoraConfig] = _f(None, "Expert LoRA settings overriding the adapter's.")
+
+    peft_type = "MIXLORA"
 
     def __post_init__(self) -> None:
         if isinstance(self.routing_strategy, str):
