@@ -58,7 +58,7 @@ def command(*args, cwd, hf_home):
     """generate.py as a user runs it: its own process, offline, HF_HOME from the environment."""
     env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env)
+                          cwd=cwd, env=env, check=False)
 
 
 def test_the_mixlora_readme_line_runs_as_written(folders, tmp_path):
@@ -78,15 +78,13 @@ def test_the_mixlora_readme_line_runs_as_written(folders, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--lora_weights", "{tmp}/nope"], "adapter folder {tmp}/nope does not exist"),
-    (["--lora_weights", "owner/not-cached"], "'owner/not-cached' is not a local folder and is not in the Hugging "
-                                             "Face cache"),
-    (["--lora_weights", "{lora}", "--template", "template/vicuna.json"], "'template/vicuna.json' is neither a "
-                                                                         "built-in template"),
+    (["--lora_weights", "owner/not-cached"], "'owner/not-cached' is not a local folder and is not in the Hugging"),
+    (["--lora_weights", "{lora}", "--template", "template/vicuna.json"], "'template/vicuna.json' is neither"),
     (["--lora_weights", "{lora}", "--base_model", "{tmp}/no-base"], "base model folder {tmp}/no-base does not exist"),
 ])
 def test_errors_are_one_line_exit_2(folders, tmp_path, monkeypatch, capsys, args, message):
     offline_hub(monkeypatch, tmp_path / "hf")
-    fill = dict(tmp=tmp_path, lora=folders["lora"])
+    fill = {"tmp": tmp_path, "lora": folders["lora"]}
     assert main([a.format(**fill) for a in args] + ["--instruction", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err

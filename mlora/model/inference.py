@@ -60,7 +60,7 @@ class MixLoraModelForCausalLM:
             raise AdapterFileError(f"{name_or_path}: adapter_config.json names no base model; "
                                    "pass base_model=... (a hub id, folder or .gguf file)")
         if isinstance(base, (str, Path)):
-            # The training package owns this rule for now; it reads no training state.
+            # The rule's one home is the trainer's setup; importing it starts no training.
             from mlora.train.setup import hub_offline_unless_reachable
 
             with hub_offline_unless_reachable(str(base)):

@@ -64,7 +64,7 @@ def test_lora_config_carries_what_peft_reads(tmp_path, base):
     from peft import PeftConfig
 
     folder = saved(tmp_path, lora_cfg("plain", use_dora=True), base)
-    model, config = MixLoraModelForCausalLM.from_pretrained(folder)
+    _, config = MixLoraModelForCausalLM.from_pretrained(folder)
     peft = PeftConfig.from_pretrained(str(folder))
     assert config.base_model_name_or_path == peft.base_model_name_or_path == base
     assert (config.peft_type, config.task_type) == (peft.peft_type, peft.task_type) == ("LORA", "CAUSAL_LM")
