@@ -36,9 +36,10 @@ if str(ROOT) not in sys.path:  # run as `python bench/train_throughput.py`
     sys.path.insert(0, str(ROOT))
 
 from bench.interference import cpu_seconds, other_cpu_share, wait_for_quiet
+from bench.subproc import run_limited
 
 CONFIGS = ("peft", "lora", "lora-k2", "lora-k4", "mixlora", "mixlora-ref")
-SHAPE_NAMES = ("tiny", "medium", "smollm2", "llama7b-2l")
+SHAPE_NAMES = ("nano", "tiny", "medium", "smollm2", "llama7b-2l", "llama7b")
 QUIET = 0.05  # other processes' CPU share under which a machine counts as quiet
 TARGET_NOTE = "targets are stated for the medium shape, seq 256, micro-batch 4, fp32"
 
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads.")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (ours and peft).")
     p.add_argument("--grad-ckpt", action="store_true", help="Gradient checkpointing (ours and peft).")
+    p.add_argument("--quant", choices=["4bit"], help="Base decoder layers in bitsandbytes NF4 (compute dtype: --dtypes).")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="Stop a configuration's process after SECONDS (status 'timeout'); isolated runs only.")
     p.add_argument("--peak-sizes", default="1024,2048,4096", help="Square matmul sizes for the peak.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="Write all results as JSON here.")
@@ -83,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("seq", "micro_batch", "steps", "threads"):
         if getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.timeout is not None and args.timeout <= 0:
+        problems.append("--timeout must be positive")
     for flag in ("warmup", "retries", "wait_quiet"):
         if getattr(args, flag) < 0:
             problems.append(f"--{flag.replace('_', '-')} must be 0 or more")
@@ -98,35 +104,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- running jobs
-def run_worker(job: dict, isolate: bool) -> dict:
-    """Run one job in a fresh process (or here); a failure comes back as ``status: error``."""
+def run_worker(job: dict, isolate: bool, timeout: float | None = None) -> dict:
+    """Run one job in a fresh process (or here); a failure comes back as ``status: error``.
+
+    A worker still running after `timeout` seconds is stopped and comes back as ``status: timeout``.
+    """
     if not isolate:
         from bench import workload
 
-        try:
-            return workload.main_inline(job)
-        except Exception as err:  # noqa: BLE001 -- a failed configuration must not hide the others
-            return {**_job_keys(job), "status": "error", "reason": f"{type(err).__name__}: {err}"}
+        return workload.run_guarded(job)
     with tempfile.TemporaryDirectory(prefix="mlora-bench-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        proc = subprocess.run([sys.executable, "-m", "bench.workload", str(job_path), str(out_path)],
-                              env=env, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not out_path.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            reason = f"worker exited with status {proc.returncode}: " + " | ".join(tail)
+        done = run_limited([sys.executable, "-m", "bench.workload", str(job_path), str(out_path)], timeout,
+                           env=env, cwd=ROOT)
+        if done.timed_out:
+            return {**_job_keys(job), "status": "timeout",
+                    "reason": f"still running at its limit of {timeout:g} s; stopped"}
+        if done.returncode != 0 or not out_path.exists():
+            tail = done.output.strip().splitlines()[-5:]
+            reason = f"worker exited with status {done.returncode}: " + " | ".join(tail)
             return {**_job_keys(job), "status": "error", "reason": reason}
         return json.loads(out_path.read_text())
 
 
-def measure(job: dict, isolate: bool, wait_quiet: float, retries: int) -> dict:
+def measure(job: dict, isolate: bool, wait_quiet: float, retries: int, timeout: float | None = None) -> dict:
     """`run_worker`, after waiting for a quiet machine and retrying while it was not; the quietest run counts."""
     best = None
     for attempt in range(1, retries + 2):
         waited = wait_for_quiet(wait_quiet, QUIET) if wait_quiet > 0 else 0.0
-        r = {**run_worker(job, isolate), "attempt": attempt, "waited_s": waited}
+        r = {**run_worker(job, isolate, timeout), "attempt": attempt, "waited_s": waited}
         if best is None or _noise(r) < _noise(best):
             best = r
         if r.get("status") != "ok" or _noise(r) <= QUIET:
@@ -157,7 +166,7 @@ def machine_info(device: str, threads: int) -> dict:
         pass
     flags = set(cpu.pop("flags", "").split())
     versions = {}
-    for package in ("torch", "transformers", "peft"):
+    for package in ("torch", "transformers", "peft", "triton", "bitsandbytes"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -230,7 +239,7 @@ def format_report(report: dict) -> str:
     m = report["machine"]
     lines = [(f"shape={s['shape']} seq={s['seq']} micro-batch={s['micro_batch']} steps={s['steps']} "
               f"warmup={s['warmup']} device={s['device']} threads={s['threads']} "
-              f"grad_ckpt={s['grad_ckpt']} lora_dropout={s['lora_dropout']}"),
+              f"grad_ckpt={s['grad_ckpt']} quant={s.get('quant')} lora_dropout={s['lora_dropout']}"),
              (f"code: {m['git']}; machine: {m['cpu']} ({m['logical_cpus']} logical CPUs), torch {m['torch']}, "
               f"transformers {m['transformers']}, peft {m['peft']}; load average before/after: "
               f"{report['load_before']} / {report['load_after']}"),
@@ -292,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     profile_dir = str(Path(args.profile).resolve()) if args.profile else None
     common = dict(shape=args.shape, seq=args.seq, micro_batch=args.micro_batch, steps=args.steps,
                   warmup=args.warmup, device=args.device, threads=args.threads, grad_ckpt=args.grad_ckpt,
-                  lora_dropout=args.lora_dropout, seed=args.seed, profile_dir=profile_dir)
+                  quant=args.quant, lora_dropout=args.lora_dropout, seed=args.seed, profile_dir=profile_dir)
     machine = machine_info(args.device, args.threads)  # before the jobs: the commit they measure
     load_before = _load()
     cpu_before = cpu_seconds(children=True)
@@ -300,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"measuring the matmul peak ({', '.join(args.dtypes)}) ...", flush=True)
     peak = measure({"kind": "peak", "dtypes": args.dtypes, "sizes": args.peak_sizes,
-                    "device": args.device, "threads": args.threads}, isolate, args.wait_quiet, args.retries)
+                    "device": args.device, "threads": args.threads}, isolate, args.wait_quiet, args.retries,
+                   args.timeout)
     peaks = {p["dtype"]: p["gflops"] for p in peak.get("peaks", [])}
     if not peaks:
         print(f"matmul peak failed: {peak.get('reason')}", file=sys.stderr)
@@ -308,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [dict(common, kind="train", config=c, dtype=d) for d in args.dtypes for c in args.only]
     results = []
     for i, job in enumerate(jobs, 1):
-        r = measure(job, isolate, args.wait_quiet, args.retries)
+        r = measure(job, isolate, args.wait_quiet, args.retries, args.timeout)
         results.append(r)
         summary = (f"{r['tokens_per_s']:.0f} tokens/s, step {r['step_time_s']:.3f} s, peak {r['peak_mem_mb']:.0f} MB"
                    if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason')}")

@@ -16,6 +16,10 @@ Configurations:
     mixlora      our MixLoRA (8 experts top-2), shared-base path
     mixlora-ref  our MixLoRA, per-expert reference path (`MixLoraFFN.use_reference`)
 
+``quant: "4bit"`` replaces the decoder layers' frozen projections by bitsandbytes NF4 layers
+(double quantization, compute dtype = the job's dtype; lm_head and embeddings stay as built),
+what `mlora.model.loading` asks transformers for when it loads a model with ``--quantize 4bit``.
+
 dtype rules: ``fp32`` builds the base in fp32; ``bf16`` builds the base weights in bf16 and
 keeps the adapters in fp32 (ours always, peft through its default
 ``autocast_adapter_dtype=True``), with autocast off: the frozen projections run bf16 GEMMs,
@@ -40,8 +44,11 @@ from bench.interference import cpu_seconds, other_cpu_share
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Random-weight Llama shapes (nothing is downloaded). `tiny` keeps a small vocabulary so that
-# the smoke test stays fast; the others use the vocabulary of the model they imitate.
+# the smoke test stays fast, `nano` is the GPU check's dry run (its whole step is overhead);
+# the others use the vocabulary of the model they imitate.
 SHAPES = {
+    "nano": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=512),
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=4096),
     "medium": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -50,6 +57,8 @@ SHAPES = {
                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "llama7b-2l": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000),
+    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=32000),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -61,14 +70,42 @@ def adapters_of(config: str, micro_batch: int) -> int:
 
 # ----------------------------------------------------------------------------- building
 def build_base(shape: str, dtype: torch.dtype, seq: int, device: str, seed: int) -> nn.Module:
-    """A random-weight `LlamaForCausalLM` of `shape`, in `dtype`, SDPA attention, train mode."""
+    """A random-weight `LlamaForCausalLM` of `shape`, in `dtype`, SDPA attention, train mode.
+
+    The weights are created and initialised on `device` itself: a 7B shape built on the CPU
+    first would take longer to initialise than its whole GPU measurement.
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 2048))
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.train()
+
+
+def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """Replace every `nn.Linear` inside the decoder layers by a bitsandbytes NF4 `Linear4bit`, in place.
+
+    Quantization happens where the weight lives (`Params4bit.to`); the full-precision weight
+    is dropped as each layer is replaced, so the peak while quantizing is the built model.
+    """
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is not nn.Linear:
+                    continue
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                        device="meta")
+                new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
+                                               quant_type="nf4", module=new)
+                if child.bias is not None:
+                    new.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, new.to(child.weight.device))  # quantizes here
 
 
 def model_flops_per_token(model: nn.Module, seq: int) -> tuple[float, int]:
@@ -250,6 +287,10 @@ class PeakMemory:
             self.reset_ok = False
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
+    def reserved_peak_mb(self) -> float | None:
+        """CUDA only: the caching allocator's peak reservation (allocated plus its free blocks)."""
+        return torch.cuda.max_memory_reserved() / 2**20 if self.cuda else None
+
 
 # ----------------------------------------------------------------------------- profiling
 def _annotate_modules(model: nn.Module) -> list:
@@ -326,6 +367,7 @@ def run_job(job: dict) -> dict:
 
     result = {key: job[key] for key in ("config", "shape", "dtype", "seq", "micro_batch", "device",
                                         "threads", "steps", "warmup", "grad_ckpt")}
+    result["quant"] = job.get("quant")
     # As the training CLI does, for every configuration alike (peft included).
     result["malloc_tuned"] = tune_cpu_allocator()
     k = adapters_of(job["config"], job["micro_batch"])
@@ -335,7 +377,11 @@ def run_job(job: dict) -> dict:
                 "reason": f"micro-batch {job['micro_batch']} is not divisible by K={k}"}
     memory = PeakMemory(job["device"])
     base = build_base(job["shape"], DTYPES[job["dtype"]], job["seq"], job["device"], job["seed"])
-    flops, n_matmul = model_flops_per_token(base, job["seq"])
+    flops, n_matmul = model_flops_per_token(base, job["seq"])  # before quantizing: packed weights count half
+    if job.get("quant") == "4bit":
+        quantize_4bit(base, DTYPES[job["dtype"]])
+    if memory.cuda:
+        torch.cuda.empty_cache()  # the full-precision weights a quantized base dropped
     trainer = PeftTrainer(base, job) if job["config"] == "peft" else OurTrainer(base, job)
     vocab = base.config.vocab_size
     batches = make_batches(min(job["steps"] + job["warmup"], 4), job["micro_batch"], job["seq"], vocab,
@@ -368,6 +414,7 @@ def run_job(job: dict) -> dict:
         step_times_s=times,
         tokens_per_s=tokens / step,
         peak_mem_mb=peak,
+        peak_reserved_mb=memory.reserved_peak_mb(),
         mem_before_steps_mb=built_mb,
         peak_mem_kind="cuda max_memory_allocated" if memory.cuda else
         ("process peak RSS over the timed steps" if memory.reset_ok else "process lifetime peak RSS"),
@@ -412,13 +459,24 @@ def measure_matmul_peak(dtype: str, sizes: list[int], device: str, threads: int,
 
 
 def main_inline(job: dict) -> dict:
-    """Run one job (``kind`` "peak" or "train") in this process."""
+    """Run one job (``kind`` "peak", "train", or "batch": a list of jobs) in this process."""
+    if job["kind"] == "batch":
+        return {"status": "ok", "results": [run_guarded(j) for j in job["jobs"]]}
     if job["kind"] == "peak":
         cpu_before, wall_before = cpu_seconds(), time.perf_counter()
         peaks = [measure_matmul_peak(d, job["sizes"], job["device"], job["threads"]) for d in job["dtypes"]]
         other = other_cpu_share(cpu_before, cpu_seconds(), time.perf_counter() - wall_before)
         return {"status": "ok", "peaks": peaks, "other_cpu_share": other}
     return run_job(job)
+
+
+def run_guarded(job: dict) -> dict:
+    """`main_inline`, with an exception turned into ``status: error`` so that the jobs after it still run."""
+    try:
+        return main_inline(job)
+    except Exception as err:  # noqa: BLE001 -- a failed configuration must not hide the others
+        keys = {k: job[k] for k in ("config", "shape", "dtype") if k in job}
+        return {**keys, "status": "error", "reason": f"{type(err).__name__}: {err}"}
 
 
 def main(argv: list[str]) -> int:

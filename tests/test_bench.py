@@ -90,6 +90,12 @@ def test_bad_flags_exit_2(capsys):
     assert "'mixlroa'" in err and "'fp16'" in err
 
 
+def test_a_worker_past_its_limit_comes_back_as_timeout():
+    job = {"kind": "peak", "dtypes": ["fp32"], "sizes": [64], "device": "cpu", "threads": 1}
+    r = bench.run_worker(job, isolate=True, timeout=0.5)
+    assert r["status"] == "timeout" and "limit of 0.5 s" in r["reason"]
+
+
 @pytest.mark.slow
 def test_command_line_isolated_workers(tmp_path):
     """The real command: the peak and each configuration in their own processes."""
