@@ -196,8 +196,9 @@ def segmented_lora_add(base: torch.Tensor, x: torch.Tensor, segments: list[tuple
         generators: adapter i's dropout masks come from ``generators[i]`` (None: the global
             RNG), drawn segment by segment in order (see `segment_masks`).
         real: per segment, ``(n_j,)`` long offsets (from its start) of its real rows, or None
-            (all real). Masks are drawn over the real rows only; the other rows get no delta.
-            With all None: the same masks as `lora_delta` called once per segment.
+            (all real). With dropout, masks are drawn over the real rows only and the other
+            rows are dropped whole (no delta). With all None: the same masks as `lora_delta`
+            called once per segment.
     Returns:
         `base`, its rows in the segments increased by the deltas (computed in fp32 or wider).
     """

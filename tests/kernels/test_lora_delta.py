@@ -86,3 +86,33 @@ def test_segmented_deltas_equal_one_call_per_segment(dropout):
     leaves = [x, *As, *Bs]
     for a, b in zip(torch.autograd.grad((ours * g).sum(), leaves), torch.autograd.grad((ref * g).sum(), leaves)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.3, 0.6])
+def test_masks_over_real_rows_equal_the_real_rows_alone(dropout):
+    """With `real` rows given, a segment's real rows get the deltas (and gradients) of those rows
+    run alone with the same stream; its other rows (padding) are dropped, however many."""
+    from mlora.kernels.lora import segmented_lora_delta
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 6, generator=gen, requires_grad=True)
+    As = [torch.randn(r, 6, generator=gen, requires_grad=True) for r in (2, 3)]
+    Bs = [torch.randn(5, r, generator=gen, requires_grad=True) for r in (2, 3)]
+    segments = [(0, 3, 0), (3, 12, 1)]
+    real = [None, torch.tensor([1, 2, 5, 6, 7])]            # rows 4, 5, 8, 9, 10 of x
+    rows = [torch.arange(0, 3), 3 + real[1]]
+
+    def streams():
+        return [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+
+    ours = segmented_lora_delta(x, segments, As, Bs, [0.5, 2.0], [dropout, dropout], True, streams(), real)
+    ref = torch.zeros(12, 5)
+    for (_, _, i), index, stream in zip(segments, rows, streams()):
+        ref = ref.index_add(0, index, lora_delta(x[index], As[i], Bs[i], [0.5, 2.0][i], dropout, True, stream))
+    torch.testing.assert_close(ours, ref)
+    padding = [3, 6, 7, 11]
+    assert torch.equal(ours[padding], torch.zeros(4, 5))
+    g = torch.randn_like(ref)
+    leaves = [x, *As, *Bs]
+    for a, b in zip(torch.autograd.grad((ours * g).sum(), leaves), torch.autograd.grad((ref * g).sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

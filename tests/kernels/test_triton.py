@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 import torch.nn.functional as F
 
 from mlora.kernels import dispatch, triton_lora
+from mlora.kernels import lora as torch_lora
 from mlora.kernels.expert_ffn import ExpertLoraWeights, expert_ffn
 from mlora.kernels.lora import lora_delta
 from mlora.kernels.triton_lora import BLOCK_M, Groups, grouped_expand, grouped_shrink
@@ -110,6 +111,23 @@ def test_segmented_dropout_keeps_each_adapter_with_its_own_probability():
     assert torch.equal(out[300:], torch.ones(300, device=DEVICE))
     evaluated = triton_lora.segmented_lora_delta(x, segments, ones, ones, [1.0, 1.0], [0.5, 0.0], training=False)
     assert torch.equal(evaluated, x)
+
+
+def test_segmented_lora_draws_the_torch_path_masks_over_real_rows():
+    x, As, Bs = segmented_problem(torch.float32)
+    # Per segment, the real rows (offsets from its start); padding rows get no delta.
+    real = [torch.tensor([0, 2, 3], device=DEVICE), None, torch.tensor([1, 3], device=DEVICE), None]
+
+    def streams():
+        return [torch.Generator(DEVICE).manual_seed(100 + a) for a in range(len(RANKS))]
+
+    dropouts = [0.2, 0.5, 0.3]
+    ours = triton_lora.segmented_lora_delta(x, SEGMENTS, As, Bs, SCALINGS, dropouts, True, streams(), real)
+    ref = torch_lora.segmented_lora_delta(x, SEGMENTS, As, Bs, SCALINGS, dropouts, True, streams(), real)
+    torch.testing.assert_close(ours, ref, **TIGHT)
+    assert torch.equal(ours[[1, 5, 7]], torch.zeros(3, 7, device=DEVICE))
+    inputs = (x, *As, *Bs)
+    assert_grads_close(grads(ours, inputs), grads(ref, inputs), inputs)
 
 
 def test_grouped_products_with_a_given_mask_match_the_plain_expression():
