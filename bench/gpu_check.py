@@ -500,10 +500,11 @@ def main(argv: list[str] | None = None) -> int:
         "dry_run": mode.dry, "started_at": _now(), "budget_s": args.budget,
         "settings": {"device": mode.device, "seq": mode.seq, "micro_batch": mode.micro_batch, "dtype": "bf16",
                      "peak_sizes": list(mode.peak_sizes), "threads": mode.threads},
-        "machine": machine_info(mode.device, mode.threads),
+        "machine": {**machine_info(mode.device, mode.threads), "versions": installed_versions()},
         "parts": [{"name": p.name, "title": p.title, "status": "not run", "reason": "not selected (--only)"}
                   for p in PARTS],
-        "matmul_peak_gflops": {}, "results": {}, "tests": {},
+        "matmul_peak_gflops": {}, "results": {},
+        "tests": {name: {"status": "not run"} for name in ("triton", "gpu")},
     }
     signal.signal(signal.SIGTERM, _interrupted)
     print(f"GPU check{' (dry run)' if mode.dry else ''}: budget {args.budget:.0f} s, writing to {out}", flush=True)
