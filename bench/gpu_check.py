@@ -1,7 +1,7 @@
 """One prepared GPU check: install, versions, the Llama-2-7B-shape step, the CUDA tests, the rest.
 
     bash bench/gpu_check.sh OUT_DIR                  # a CUDA machine: at most 8 minutes in all
-    bash bench/gpu_check.sh --dry-run OUT_DIR        # CPU, tiny shapes, Triton interpreted
+    bash bench/gpu_check.sh --dry-run OUT_DIR        # CPU, nano shapes, Triton interpreted, no pip
     python bench/gpu_check.py --budget 600 --only llama7b-bf16,tests OUT_DIR
 
 The parts run in order of importance (`PARTS`), each under its own time limit inside one
@@ -10,7 +10,7 @@ starts, and a part that no longer fits is recorded as not run. Training figures 
 harness of `train_throughput.py` / `workload.py`: one configuration per fresh process (peak
 memory reset per configuration), bf16 base, seq 512, micro-batch 4, r 8 on all seven
 projections, MixLoRA 8 experts top-2. The dry run keeps every part but runs a part's
-configurations in one process, on tiny shapes, so that it finishes in about a minute on CPU.
+configurations in one process, on the `nano` shape, so that it takes about a minute of CPU.
 
 Writes OUT_DIR/gpu_check.json (rewritten after every part, so a run cut short keeps what it
 measured), OUT_DIR/gpu_check.md, OUT_DIR/constraints.txt (what pip may not replace) and one
@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out_dir", metavar="OUT_DIR", help="Folder for gpu_check.json, gpu_check.md and logs/.")
     p.add_argument("--dry-run", action="store_true",
-                   help="CPU, tiny shapes, Triton interpreted, no pip: checks the script itself.")
+                   help="CPU, nano shapes, Triton interpreted, no pip: checks the script itself.")
     p.add_argument("--budget", type=float, metavar="SECONDS",
                    help=f"Global time limit (default {DEFAULT_BUDGET_S:.0f} s, dry run {DRY_TIMEOUT_S * 2:.0f} s).")
     p.add_argument("--only", default=",".join(PART_NAMES), help=f"Comma-separated parts: {', '.join(PART_NAMES)}.")
@@ -248,15 +248,17 @@ def part_setup(run: Run, deadline: float, install_pip: bool) -> dict:
     if not probe:
         return {"status": "failed", "reason": "torch does not import (see logs/setup.log)"}
     if not run.mode.dry and not probe.get("cuda_available"):
-        return {"status": "failed", "reason": "torch sees no CUDA device"}
-    return {"status": "ok"}
+        return {"status": "failed", "reason": f"torch {probe['torch']} sees no CUDA device (a CPU build? then "
+                                              "install the CUDA build for this driver and rerun)"}
+    installed = record["status"] == "ok" or record["status"].startswith("not run")
+    return {"status": "ok", "reason": None if installed else f"install {record['status']}"}
 
 
 # ----------------------------------------------------------------------------- measuring
 def part_peak(run: Run, deadline: float) -> dict:
     job = {"kind": "peak", "dtypes": ["bf16"], "sizes": list(run.mode.peak_sizes), "device": run.mode.device,
            "threads": run.mode.threads}
-    r = run_worker(job, isolate=True, timeout=deadline - time.monotonic())
+    r = run_worker(job, isolate=True, timeout=deadline - time.monotonic(), env=run.env())
     peaks = {p["dtype"]: p["gflops"] for p in r.get("peaks", [])}
     run.report["matmul_peak_gflops"] = peaks
     run.report["matmul_peak_detail"] = r.get("peaks", [])
@@ -279,7 +281,8 @@ def part_train(run: Run, part: Part, deadline: float) -> dict:
     jobs = train_jobs(run, part)
     results = run.report["results"].setdefault(part.name, [])
     if run.mode.dry:
-        r = run_worker({"kind": "batch", "jobs": jobs}, isolate=True, timeout=deadline - time.monotonic())
+        r = run_worker({"kind": "batch", "jobs": jobs}, isolate=True, timeout=deadline - time.monotonic(),
+                       env=run.env())
         got = r.get("results") or [{"config": j["config"], "status": r.get("status"), "reason": r.get("reason")}
                                    for j in jobs]
         results += [{**x, "part": part.name} for x in got]
@@ -290,7 +293,7 @@ def part_train(run: Run, part: Part, deadline: float) -> dict:
                 results.append({"config": job["config"], "part": part.name, "status": "not run",
                                 "reason": "the part's time ran out"})
                 continue
-            r = run_worker(job, isolate=True, timeout=min(part.train.config_timeout_s, left))
+            r = run_worker(job, isolate=True, timeout=min(part.train.config_timeout_s, left), env=run.env())
             results.append({**r, "part": part.name})
             _print_result(results[-1])
             write_report(run)
@@ -364,7 +367,7 @@ def _ok(results: list[dict], config: str) -> dict | None:
 
 
 def evaluate_targets(results: dict[str, list[dict]]) -> list[dict]:
-    """The GPU targets (DESIGN.md section 7, issue 13), each met / not met / not run on the measured figures."""
+    """The GPU targets (DESIGN.md section 7), each met / not met / not run on the measured figures."""
     rows = []
 
     def add(target, part, value, goal, at_least):
@@ -425,7 +428,7 @@ def format_markdown(rep: dict) -> str:
            if probe.get("gpu") else "no CUDA device")
     lines = ["# GPU check" + (" (dry run)" if rep["dry_run"] else ""), ""]
     if rep["dry_run"]:
-        lines += ["Dry run: CPU, tiny shapes, Triton interpreted. The figures test this script, not the engine;",
+        lines += ["Dry run: CPU, nano shapes, Triton interpreted. The figures test this script, not the engine;",
                   "the verdicts below are computed on them only to exercise the report.", ""]
     peak = rep.get("matmul_peak_gflops", {}).get("bf16")
     lines += [f"- started {rep['started_at']}, code {m.get('git')}, `{rep['command']}`",
@@ -442,17 +445,20 @@ def format_markdown(rep: dict) -> str:
                    "projections, MixLoRA 8 experts top-2; peak = `max_memory_allocated` over the timed steps (CPU: "
                    "RSS); MFU counts 4 x base parameters FLOPs per token (recomputation under checkpointing not "
                    "counted)."), "",
-              "| part | config | step s | tokens/s | vs peft | peak GiB | reserved GiB | MFU | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| part | config | step s | vs LoRA step | tokens/s | vs peft | peak GiB | reserved GiB | MFU | note |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for part, results in rep["results"].items():
+        lora = _ok(results, "lora")
         for r in results:
             if r.get("status") != "ok":
-                lines.append(f"| {part} | {r.get('config')} | - | - | - | - | - | - | "
+                lines.append(f"| {part} | {r.get('config')} | - | - | - | - | - | - | - | "
                              f"{r.get('status')}: {(r.get('reason') or '')[:100]} |")
                 continue
             reserved = r.get("peak_reserved_mb")
-            lines.append(f"| {part} | {r['config']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                         f"{_f(r.get('tokens_vs_peft'), '.2f')} | {r['peak_mem_mb'] / GIB:.2f} | "
+            vs_lora = r["step_time_s"] / lora["step_time_s"] if lora else None
+            lines.append(f"| {part} | {r['config']} | {r['step_time_s']:.3f} | {_f(vs_lora, '.2f')} | "
+                         f"{r['tokens_per_s']:.0f} | {_f(r.get('tokens_vs_peft'), '.2f')} | "
+                         f"{r['peak_mem_mb'] / GIB:.2f} | "
                          f"{'-' if reserved is None else format(reserved / GIB, '.2f')} | "
                          f"{'-' if r.get('mfu') is None else format(100 * r['mfu'], '.1f') + ' %'} | |")
     lines += ["", "| tests | status | passed | failed | skipped | seconds |", "|---|---|---|---|---|---|"]

@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads.")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (ours and peft).")
     p.add_argument("--grad-ckpt", action="store_true", help="Gradient checkpointing (ours and peft).")
-    p.add_argument("--quant", choices=["4bit"], help="Base decoder layers in bitsandbytes NF4 (compute dtype: --dtypes).")
+    p.add_argument("--quant", choices=["4bit"],
+                   help="Base decoder layers in bitsandbytes NF4 (compute dtype: --dtypes).")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="Stop a configuration's process after SECONDS (status 'timeout'); isolated runs only.")
     p.add_argument("--peak-sizes", default="1024,2048,4096", help="Square matmul sizes for the peak.")
@@ -104,10 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- running jobs
-def run_worker(job: dict, isolate: bool, timeout: float | None = None) -> dict:
+def run_worker(job: dict, isolate: bool, timeout: float | None = None, env: dict | None = None) -> dict:
     """Run one job in a fresh process (or here); a failure comes back as ``status: error``.
 
-    A worker still running after `timeout` seconds is stopped and comes back as ``status: timeout``.
+    A worker still running after `timeout` seconds is stopped and comes back as ``status: timeout``;
+    `env` replaces this process's environment for the worker.
     """
     if not isolate:
         from bench import workload
@@ -116,7 +118,7 @@ def run_worker(job: dict, isolate: bool, timeout: float | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="mlora-bench-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
-        env = dict(os.environ)
+        env = dict(os.environ if env is None else env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         done = run_limited([sys.executable, "-m", "bench.workload", str(job_path), str(out_path)], timeout,
                            env=env, cwd=ROOT)

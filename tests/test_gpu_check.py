@@ -122,6 +122,7 @@ def test_bad_part_exits_2(tmp_path, capsys):
 
 def test_a_limit_ends_the_child_and_its_children():
     # The grandchild holds the output pipe: if it outlived the limit, reading the output would wait 60 s.
-    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    code = ("import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
     done = run_limited([sys.executable, "-c", code], 1.0)
     assert done.timed_out and done.seconds < 20
