@@ -32,7 +32,8 @@ from mlora.evaluate import (
     score_choice,
     score_loglikelihood,
 )
-from mlora.evaluate.batched import _schedule
+from mlora.evaluate.batched import _prepare, _schedule, _share_within
+from mlora.evaluate.protocols import NO_LIMIT
 from mlora.io import merged_model
 from mlora.model.adapted import MultiAdapterModel
 from tests.model.helpers import randomise_b
@@ -241,15 +242,18 @@ def reference_scores(hf, task, protocol, limit, max_length=None):
 
 
 @pytest.mark.parametrize("protocol", ["choice", "loglikelihood"])
-@pytest.mark.parametrize("padding_side,batch_size", [("right", 1), ("right", 3), ("left", 3)])
-def test_scores_equal_an_unpadded_per_item_loop(two_models, protocol, padding_side, batch_size):
+@pytest.mark.parametrize("padding_side,batch_size,share_context", [
+    ("left", 3, True), ("right", 1, True), ("right", 3, False), ("left", 3, False)])
+def test_scores_equal_an_unpadded_per_item_loop(two_models, protocol, padding_side, batch_size, share_context):
     model, cfg, plain = two_models
     cfg = dataclasses.replace(cfg, evaluate_batch_size=batch_size)
     results = evaluate_adapters(model, TOKENIZER, [cfg], protocol, limit=4, include_base=True,
-                                simultaneous=2, padding_side=padding_side)
+                                simultaneous=2, padding_side=padding_side, share_context=share_context)
     assert results.adapters == ["ad", BASE]
-    # fp32 sums of ~30 tokens; left padding shifts rotary positions, so rounding differs more.
-    tol = {"abs": 1e-5, "rel": 2e-6} if padding_side == "right" else {"abs": 1e-4, "rel": 1e-5}
+    # fp32 sums of ~30 tokens. The plain layout with left padding shifts rotary positions (no
+    # explicit positions there), so rounding differs more.
+    shifted = padding_side == "left" and not share_context
+    tol = {"abs": 1e-4, "rel": 1e-5} if shifted else {"abs": 1e-5, "rel": 2e-6}
     for name in ("ad", BASE):
         for task in TASKS:
             result = results.result(name, task)
@@ -260,6 +264,67 @@ def test_scores_equal_an_unpadded_per_item_loop(two_models, protocol, padding_si
             assert result.protocol == protocol
     # The adapter changes the scores: the parity above is not a base-vs-base tautology.
     assert results.result("ad", "hellaswag").scores != results.result(BASE, "hellaswag").scores
+
+
+def test_an_items_choices_share_one_row(two_models):
+    model, cfg, _ = two_models
+    spec = adapter_spec(cfg, "loglikelihood")
+    items = [fixture_items(task, 3) for task in TASKS]  # the adapter's tasks, in order
+    for share in (True, False):
+        _, queues = _prepare(model, TOKENIZER, [spec], "eval", 3, 256, share)
+        rows = [row for batch in queues[0] for row in batch]
+        assert len(rows) == sum(len(it.labels) if not share else 1 for task in items for it in task)
+        if not share:
+            assert all(not row.blocks and len(row.reads) == 1 for row in rows)
+            continue
+        for row in rows:
+            item = items[row.owner][row.item]
+            assert sorted(read.choice for read in row.reads) == list(range(len(item.labels)))
+            # Each choice reads exactly what its own plain request reads: same tokens before the
+            # read position, at the same positions.
+            positions, segments = row.positions(), row.segments()
+            for read, (context, continuation) in zip(row.reads, item.loglikelihood.pairs()):
+                whole = TOKENIZER.encode(context + continuation)
+                for column, target in zip(read.columns, read.targets):
+                    seen = [row.ids[j] for j in range(column + 1) if segments[j] in (0, segments[column])]
+                    assert seen == whole[:positions[column] + 1] and whole[positions[column] + 1] == target
+
+
+def test_switch_routing_and_flash_attention_keep_one_row_per_choice(two_models):
+    model, cfg, _ = two_models
+    switch = MixLoraConfig(name="sw", task_name="arc-c", data=str(FIXTURES / "arc-c"), num_experts=2,
+                           routing_strategy="mixlora-switch", r=4, protocol="loglikelihood")
+    model.add_adapter(switch)
+    try:
+        # Expert capacity is counted per row, so sharing a row would change the routing.
+        assert _share_within(model, adapter_spec(switch), 256) is None
+        assert _share_within(model, adapter_spec(cfg), 256) == 256
+        assert _share_within(model, adapter_spec(cfg), None) == NO_LIMIT
+    finally:
+        model.remove_adapter("sw")
+    config = model.model.config
+    saved = config._attn_implementation
+    try:
+        config._attn_implementation = "flash_attention_2"  # no custom 4-D masks there
+        assert _share_within(model, adapter_spec(cfg), 256) is None
+    finally:
+        config._attn_implementation = saved
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("gemma2", {}),  # eager attention, logit soft-capping
+    ("mistral", {"sliding_window": 12}),  # requests longer than the window keep plain rows
+    ("gemma2", {"sliding_window": 12}),
+    ("qwen2", {}),
+])
+def test_shared_rows_equal_an_unpadded_loop_on_other_models(arch, overrides):
+    hf = tiny_model(arch, vocab=VOCAB, seed=5, **overrides)
+    plain = copy.deepcopy(hf)
+    spec = base_spec([lora("x")], "loglikelihood")
+    results = evaluate(MultiAdapterModel(hf), TOKENIZER, [spec], limit=3)
+    for task in TASKS:
+        for got, want in zip(results.result(BASE, task).scores, reference_scores(plain, task, "loglikelihood", 3)):
+            assert got == pytest.approx(want, abs=1e-5, rel=2e-6)
 
 
 def test_letters_of_several_tokens_are_scored_as_sequences():
@@ -322,8 +387,10 @@ def test_adapters_in_one_pass_equal_each_alone():
     assert [(r.adapter, r.task) for r in together.tasks] == [
         ("l1", "arc-c"), ("l1", "winogrande"), ("l1", "hellaswag"), ("d1", "arc-c"),
         ("m1", "winogrande"), ("m1", "hellaswag"), (BASE, "arc-c"), (BASE, "winogrande"), (BASE, "hellaswag")]
-    alone = [evaluate_adapters(model, TOKENIZER, [cfg], limit=5) for cfg in cfgs]
-    alone.append(evaluate(model, TOKENIZER, [base_spec(cfgs)], limit=5))
+    # Alone, in the plain layout (one row per choice): the shared rows of the mixed batch score
+    # the same.
+    alone = [evaluate_adapters(model, TOKENIZER, [cfg], limit=5, share_context=False) for cfg in cfgs]
+    alone.append(evaluate(model, TOKENIZER, [base_spec(cfgs)], limit=5, share_context=False))
     for result in together.tasks:
         single = next(r for res in alone for r in res.tasks if (r.adapter, r.task) == (result.adapter, result.task))
         assert result.protocol == single.protocol
