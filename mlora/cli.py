@@ -2,7 +2,8 @@
 
 Each subcommand is one small function taking the parsed arguments and returning an exit status:
 0 done, 1 some adapter stopped during training, 2 bad input (config problems, bad flags, missing
-data or model; no traceback), 130 interrupted (a checkpoint was saved; continue with --resume).
+data or model, files in the way; a one-line message, no traceback), 130 / 143 stopped by SIGINT
+/ SIGTERM (during training a checkpoint was saved; continue with --resume).
 This module imports only the standard library and ``mlora.config``, so a config is validated
 before torch or a model is loaded.
 """
@@ -17,16 +18,25 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, get_args, get_origin, get_type_hints
+from typing import Literal, Optional, Sequence, get_args, get_origin, get_type_hints
 
-from mlora.config import CASUAL_TASK, ConfigError, LoraConfig, MixLoraConfig, RunConfig, config_from_dict, load_config, to_dict
+from mlora.config import (
+    CASUAL_TASK,
+    ConfigError,
+    LoraConfig,
+    MixLoraConfig,
+    RunConfig,
+    config_from_dict,
+    load_config,
+    to_dict,
+)
 from mlora.errors import MloraError
+from mlora.run_folder import atomic_write_text
 from mlora.runtime import tune_cpu_allocator
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_TRAIN_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_CONFIG = "mlora.json"
@@ -120,13 +130,6 @@ def _resolve_task(task: str, data_path: Optional[str]) -> tuple[str, Optional[st
     )
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    # Write-then-rename: an interrupted gen never leaves a half-written config behind.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=4) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _print_config_error(err: ConfigError, what: str = "in the config") -> None:
     count = len(err.problems)
     print(f"error: {count} problem{'s' if count != 1 else ''} {what}:", file=sys.stderr)
@@ -186,6 +189,11 @@ def cmd_gen(args: argparse.Namespace) -> int:
     resolved = [_resolve_task(t, p) for t, p in zip(tasks, paths)]
 
     out = Path(args.file_name)
+    if out.is_dir():
+        raise UsageError(f"--file_name {out} is a folder; give the path of a .json file to write")
+    if not out.parent.is_dir():
+        raise UsageError(f"--file_name {out}: folder {out.parent} does not exist; create it first or choose "
+                         "another path")
     run_level = {k: v for k, v in template.items() if k != "lora"}
     adapters: list[dict] = []
     if out.exists() and args.append:
@@ -221,7 +229,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
     except ConfigError as err:
         _print_config_error(err, "in the config gen would write (nothing was written)")
         return EXIT_BAD_INPUT
-    _write_json_atomic(out, to_dict(cfg))
+    atomic_write_text(out, json.dumps(to_dict(cfg), indent=4) + "\n")  # never a half-written config
     names = ", ".join(cfg.adapter_names)
     print(f"wrote {out}: {len(cfg.lora)} adapter{'s' if len(cfg.lora) != 1 else ''} ({names})")
     print(f"next: python launch.py run --config {out} --base_model <hub id | model folder | .gguf file>")
@@ -262,7 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     Exit status: 0 all adapters trained, 1 some adapter stopped (non-finite losses), 2 bad input
     found before training (config, flags, data, base model, target modules, existing outputs),
-    130 interrupted by Ctrl-C (a checkpoint was saved; continue with --resume).
+    130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM (a checkpoint was saved; continue with --resume).
     """
     cfg = _config_and_base_model(args)
     if cfg is None:
@@ -273,25 +281,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
 
     # Imported here: validating a config must not pay for torch.
+    from mlora.evaluate import evaluate_trained
+    from mlora.run_folder import open_run_folder
     from mlora.train import TrainOptions, console_logging, run_training
 
     console_logging()
-    summary = run_training(cfg, TrainOptions.from_args(args))
-    for line in summary.lines():
-        print(line)
-    if summary.interrupted:
-        return EXIT_INTERRUPTED
-    failed = [a.name for a in summary.adapters.values() if a.status == "failed"]
-    status = EXIT_TRAIN_FAILED if failed else EXIT_OK
-    from mlora.evaluate import evaluate_trained
-
-    try:
-        evaluate_trained(summary, cfg, args.base_model)
-    except MloraError as err:
-        print(f"error: evaluation: {err}\nThe trained adapters are saved in {summary.output_dir}; once this is "
-              "fixed, score them with `python launch.py evaluate`.", file=sys.stderr)  # fmt: skip
-        return status or EXIT_BAD_INPUT
+    options = TrainOptions.from_args(args)
+    with open_run_folder(options.output_dir) as folder:  # one command in the folder at a time
+        summary = run_training(cfg, options, folder)
+        for line in summary.lines():
+            print(line)
+        if summary.interrupted:
+            return interrupted_status(summary.signal)
+        failed = [a.name for a in summary.adapters.values() if a.status == "failed"]
+        status = EXIT_TRAIN_FAILED if failed else EXIT_OK
+        try:
+            evaluate_trained(summary, cfg, args.base_model, folder=folder)
+        except MloraError as err:
+            print(f"error: evaluation: {err} (the trained adapters are saved in {summary.output_dir}; once this is "
+                  "fixed, score them with `python launch.py evaluate`)", file=sys.stderr)  # fmt: skip
+            return status or EXIT_BAD_INPUT
     return status
+
+
+def interrupted_status(signum: Optional[int]) -> int:
+    """128 + the signal that stopped a run (130 for Ctrl-C, 143 for SIGTERM), as shells report it."""
+    import signal
+
+    return 128 + int(signum if signum is not None else signal.SIGINT)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -303,11 +320,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be a positive number of items per task, got {args.limit}")
 
-    from mlora.evaluate import evaluate_saved, results_stem
+    from mlora.evaluate import evaluate_saved, plan_evaluation
+    from mlora.run_folder import open_run_folder
 
-    evaluate_saved(args.base_model, cfg, args.output_dir, adapters=[args.adapter] if args.adapter else None,
-                   protocol=args.protocol, limit=args.limit, dtype=args.dtype, quantize=args.quantize,
-                   device=args.device, stem=results_stem(args.adapter, args.protocol))  # fmt: skip
+    adapters = [args.adapter] if args.adapter else None
+    plan_evaluation(cfg, args.output_dir, adapters)  # a wrong --output_dir fails before anything is written
+    with open_run_folder(args.output_dir) as folder:
+        evaluate_saved(args.base_model, cfg, args.output_dir, adapters=adapters,
+                       protocol=args.protocol, limit=args.limit, dtype=args.dtype, quantize=args.quantize,
+                       device=args.device, folder=folder)  # fmt: skip
     return EXIT_OK
 
 
@@ -330,28 +351,41 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Fold a saved LoRA or DoRA adapter into a copy of its base weights and save a plain
     transformers model (and tokenizer) that needs no mlora to load."""
     from mlora.io import AdapterFileError, load_adapter, merged_model, read_adapter_config
-    from mlora.model.adapted import AdapterError, MultiAdapterModel
-    from mlora.model.loading import ModelLoadError, load_base_model
+    from mlora.model.adapted import MultiAdapterModel
+    from mlora.model.loading import load_base_model
 
-    try:
-        cfg, stored = read_adapter_config(args.adapter)
-        base = args.base_model or stored
-        if not base:
-            raise AdapterFileError(f"{args.adapter}: adapter_config.json names no base model; pass --base_model")
-        if cfg.is_moe:
-            raise AdapterFileError(f"{args.adapter} is a MixLoRA adapter: routed experts cannot be folded into dense "
-                                   "weights; load it with MixLoraModelForCausalLM.from_pretrained instead")
-        model, tokenizer = load_base_model(base, dtype=args.dtype, device="cpu")
-        adapted = MultiAdapterModel(model)
-        load_adapter(adapted, args.adapter, cfg)
-        merged = merged_model(adapted, cfg.name)
-    except (AdapterFileError, AdapterError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    merged.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    print(f"merged {args.adapter} into {base}: {args.output_dir}")
+    cfg, stored = read_adapter_config(args.adapter)
+    base = args.base_model or stored
+    if not base:
+        raise AdapterFileError(f"{args.adapter}: adapter_config.json names no base model; pass --base_model")
+    if cfg.is_moe:
+        raise AdapterFileError(f"{args.adapter} is a MixLoRA adapter: routed experts cannot be folded into dense "
+                               "weights; load it with MixLoraModelForCausalLM.from_pretrained instead")
+    out = _merge_target(Path(args.output_dir), base, args.overwrite)  # before the (slow) model load
+    model, tokenizer = load_base_model(base, dtype=args.dtype, device="cpu")
+    adapted = MultiAdapterModel(model)
+    load_adapter(adapted, args.adapter, cfg)
+    merged = merged_model(adapted, cfg.name)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"merged {args.adapter} into {base}: {out}")
     return EXIT_OK
+
+
+def _merge_target(out: Path, base: str, overwrite: bool) -> Path:
+    """Check `merge`'s output folder: never the base model's own folder (its weights would be
+    replaced by the merged ones), and an existing non-empty folder only with --overwrite."""
+    base_path = Path(base).expanduser()
+    base_dir = base_path.parent if base_path.is_file() else base_path
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file; give a folder for the merged model")
+    if base_dir.is_dir() and out.resolve() == base_dir.resolve():
+        raise UsageError(f"--output_dir {out} is the base model's own folder: merging there would replace its "
+                         "weights; choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--output_dir {out} is not empty; choose an empty or new folder, or pass --overwrite to "
+                         "write the merged model's files into it (files of the same name are replaced)")
+    return out
 
 
 def _help_of(key: str) -> str:
@@ -451,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base_model", help="Base model (default: the one named in the adapter config).")
     merge.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                        help="dtype of the merged weights (default: fp32).")  # fmt: skip
+    merge.add_argument("--overwrite", action="store_true",
+                       help="Write into a non-empty --output_dir (never allowed: the base model's own folder).")
     merge.set_defaults(func=cmd_merge)
 
     avail = sub.add_parser("avail", help="list templates and tasks", description=cmd_avail.__doc__)
@@ -470,6 +506,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_config_error(err)
     except MloraError as err:
         print(f"error: {err}", file=sys.stderr)
+    except OSError as err:  # a file or folder the command needs: name it, no traceback
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+    except KeyboardInterrupt:  # outside training (loading, scoring): nothing to save
+        print("interrupted", file=sys.stderr)
+        return 130
     return EXIT_BAD_INPUT
 
 

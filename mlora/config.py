@@ -59,8 +59,20 @@ _STRATEGY_KEYS = {
     "ffn_dropout": "mixlora-switch",
 }
 
-# An adapter name becomes a folder name: keep it portable (no separators, no leading dot).
+# An adapter name becomes a folder name: keep it portable (no separators, no leading dot). A
+# leading letter or digit also keeps it apart from the run's bookkeeping folder, `_mlora`.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+
+
+def adapter_name_problem(name: str) -> str | None:
+    """What is wrong with adapter name `name` (None when it is valid): the one rule, checked
+    with the config before anything loads and again by the model for adapters made in code."""
+    if not _NAME_RE.match(name):
+        return (f"{name!r} cannot be an adapter name; use letters, digits, '_', '-' or '.' (start with a letter or "
+                "digit, at most 100 characters)")
+    if name.endswith("."):
+        return f"{name!r} cannot be an adapter name: a folder name cannot end with '.' on every system"
+    return None
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
@@ -193,9 +205,8 @@ class LoraConfig:
             dup = sorted({m for m in self.target_modules if self.target_modules.count(m) > 1})
             if dup:
                 out.append(f"target_modules: lists {', '.join(dup)} more than once")
-        if ok({"name"}) and not _NAME_RE.match(self.name):
-            out.append(f"name: {self.name!r} cannot be a folder name; use letters, digits, '_', '-' or '.' "
-                       "(start with a letter or digit, at most 100 characters)")  # fmt: skip
+        if ok({"name"}) and adapter_name_problem(self.name):
+            out.append(f"name: {adapter_name_problem(self.name)}")
         if ok({"prompt"}) and not self.prompt.strip():
             out.append("prompt: must not be empty")
         return out

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mlora.errors import MloraError
@@ -39,9 +40,11 @@ def read_json(folder: Path) -> dict:
         raise AdapterFileError(f"{path} is missing: an adapter folder holds {ADAPTER_CONFIG} "
                                f"and {SAFETENSORS_FILE} (or {BIN_FILE})")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise AdapterFileError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    except UnicodeDecodeError:
+        raise AdapterFileError(f"{path} is not UTF-8 text; an adapter config is a JSON file") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path}: expected a JSON object")
     return data
@@ -51,7 +54,11 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of an adapter folder (safetensors preferred, else a weights-only .bin)."""
     folder = Path(folder)
     if (folder / SAFETENSORS_FILE).is_file():
-        return load_file(str(folder / SAFETENSORS_FILE))
+        try:
+            return load_file(str(folder / SAFETENSORS_FILE))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterFileError(f"{folder / SAFETENSORS_FILE} cannot be read ({err}); the file is damaged or "
+                                   "truncated: save or download the adapter again") from None
     if (folder / BIN_FILE).is_file():
         try:
             return torch.load(folder / BIN_FILE, map_location="cpu", weights_only=True)
@@ -62,9 +69,15 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def default_name(folder: Path) -> str:
-    """An adapter name derived from its folder: ``out/arc_c_0`` -> ``arc_c_0``."""
-    name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(folder).resolve().name) or "adapter"
-    return name
+    """A valid adapter name derived from its folder: ``out/arc_c_0`` -> ``arc_c_0``.
+
+    A folder name is the user's business: any folder loads. Characters the adapter-name rule
+    does not allow become ``_`` and leading ones it does not allow are dropped (``_v1`` ->
+    ``v1``, ``données`` -> ``donn_es``); nothing left gives ``adapter``.
+    """
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(folder).resolve().name)
+    name = name.lstrip("_.-")[:100].rstrip(".")
+    return name or "adapter"
 
 
 def _peft_lora_config(data: dict, name: str, where: Path):

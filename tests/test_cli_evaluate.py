@@ -87,13 +87,15 @@ def test_evaluate_prints_and_saves_the_table(saved, capsys):
     assert header.split() == ["adapter", "metric", "arc-c", "arc-e", "boolq", "avg"]
     assert "chat" not in out  # instruction data has nothing to score
 
-    doc = json.loads((saved.out / "eval_results.json").read_text())
+    doc = json.loads((saved.out / "_mlora" / "eval_results_limit5.json").read_text())
     assert (doc["model"], doc["split"], doc["limit"]) == (saved.base, "eval", 5)
     got = {(r["adapter"], r["task"]): r for r in doc["results"]}
     assert list(got) == [("arc_c_0", "arc-c"), ("multi", "arc-e"), ("multi", "boolq")]
     assert [(r["protocol"], r["split"], r["items"]) for r in got.values()] == [
         ("choice", "test", 5), ("loglikelihood", "test", 5), ("loglikelihood", "validation", 5)]
-    assert got["arc_c_0", "arc-c"]["acc_norm"] is None and got["multi", "boolq"]["acc_norm"] is not None
+    # acc_norm where lm-eval reports it: not under choice, nor for boolq (lm-eval scores it by acc only).
+    assert got["arc_c_0", "arc-c"]["acc_norm"] is None and got["multi", "boolq"]["acc_norm"] is None
+    assert got["multi", "arc-e"]["acc_norm"] is not None
 
     # The adapters read back from their folders score as the ones still in memory.
     memory = evaluate_adapters(saved.model, word_tokenizer(), saved.cfgs, limit=5, simultaneous=2)
@@ -103,16 +105,16 @@ def test_evaluate_prints_and_saves_the_table(saved, capsys):
     multi = [r for r in memory.tasks if r.adapter == "multi"]
     assert doc["averages"][1]["acc"] == pytest.approx(sum(r.acc for r in multi) / 2)
 
-    rows = list(csv.DictReader((saved.out / "eval_results.csv").open()))
+    rows = list(csv.DictReader((saved.out / "_mlora" / "eval_results_limit5.csv").open()))
     assert [(r["adapter"], r["task"]) for r in rows] == [*got, ("arc_c_0", "average"), ("multi", "average")]
-    assert f"{saved.out / 'eval_results.json'}" in out
+    assert f"{saved.out / '_mlora' / 'eval_results_limit5.json'}" in out
 
 
 def test_adapter_base_scores_the_bare_model_on_the_configs_tasks(saved, capsys):
     status, out, err = run_cli(capsys, "--base_model", saved.base, "--config", saved.config,
                                "--output_dir", saved.out, "--adapter", "base", "--limit", 4)
     assert status == 0, err
-    doc = json.loads((saved.out / "eval_results_base.json").read_text())
+    doc = json.loads((saved.out / "_mlora" / "eval_results_base_limit4.json").read_text())
     # Each task under the protocol of the adapter that has it, so the rows compare.
     assert [(r["adapter"], r["task"], r["protocol"]) for r in doc["results"]] == [
         (BASE, "arc-c", "choice"), (BASE, "arc-e", "loglikelihood"), (BASE, "boolq", "loglikelihood")]
@@ -128,7 +130,7 @@ def test_protocol_flag_overrides_the_adapters_own(saved, capsys):
     status, _, err = run_cli(capsys, "--base_model", saved.base, "--config", saved.config, "--output_dir",
                              saved.out, "--adapter", "multi", "--protocol", "choice", "--limit", 3)
     assert status == 0, err
-    doc = json.loads((saved.out / "eval_results_multi_choice.json").read_text())
+    doc = json.loads((saved.out / "_mlora" / "eval_results_multi_choice_limit3.json").read_text())
     assert [(r["adapter"], r["protocol"], r["acc_norm"]) for r in doc["results"]] == [
         ("multi", "choice", None), ("multi", "choice", None)]
 
@@ -143,7 +145,7 @@ def test_evaluate_run_loads_the_folders_and_leaves_the_model_as_found(saved):
     for got, want in zip(results.tasks, memory.tasks):
         for a, b in zip(got.scores, want.scores):
             assert a == pytest.approx(b, abs=1e-5)
-    assert (saved.out / "loaded.json").is_file() and lines[0].startswith("evaluation:")
+    assert (saved.out / "_mlora" / "loaded.json").is_file() and lines[0].startswith("evaluation:")
 
 
 def test_after_training_only_finished_benchmark_adapters_are_scored(saved, tmp_path):
@@ -163,7 +165,7 @@ def test_run_trains_then_scores(saved, tmp_path, capsys):
     status = main(["run", "--config", config, "--base_model", saved.base, "--output_dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert status == 0
-    doc = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    doc = json.loads((tmp_path / "out" / "_mlora" / "eval_results.json").read_text())
     assert [(r["adapter"], r["task"], r["items"]) for r in doc["results"]] == [("arc_e_0", "arc-e", 8)]
     assert "adapter  metric" in out
 
@@ -222,3 +224,13 @@ def test_errors_in_a_real_process_have_no_traceback(saved):
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: no saved adapter in") and proc.stderr.count("\n") == 1
+
+
+def test_a_limited_evaluation_never_replaces_the_full_results(saved, capsys):
+    assert run_cli(capsys, "--config", saved.config, "--base_model", saved.base, "--output_dir", saved.out)[0] == 0
+    full = (saved.out / "_mlora" / "eval_results.json").read_text()
+    assert run_cli(capsys, "--config", saved.config, "--base_model", saved.base, "--output_dir", saved.out,
+                   "--limit", 2)[0] == 0
+    assert (saved.out / "_mlora" / "eval_results.json").read_text() == full
+    limited = json.loads((saved.out / "_mlora" / "eval_results_limit2.json").read_text())
+    assert {r["items"] for r in limited["results"]} == {2}

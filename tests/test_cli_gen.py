@@ -160,6 +160,15 @@ def test_gen_does_not_overwrite_without_flag(tmp_path):
     assert [a["name"] for a in read(tmp_path / "mlora.json")["lora"]] == ["piqa_0"]
 
 
+def test_gen_file_name_in_a_missing_folder_or_a_folder_is_a_clear_error(tmp_path):
+    assert_user_error(cli(tmp_path, "gen", "--template", "lora", "--tasks", "boolq", "--file_name",
+                          str(tmp_path / "no" / "such" / "run.json")), "does not exist", "create it first")
+    assert not (tmp_path / "no").exists()
+    (tmp_path / "adir").mkdir()
+    assert_user_error(cli(tmp_path, "gen", "--template", "lora", "--tasks", "boolq", "--file_name", "adir"),
+                      "is a folder")
+
+
 def test_gen_append_adds_adapters_with_continued_numbering(tmp_path):
     gen(tmp_path, "--template", "lora", "--tasks", "arc-e", "--cutoff_len", "128")
     gen(tmp_path, "--template", "mixlora", "--tasks", "arc-e;boolq", "--append", "True")

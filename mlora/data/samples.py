@@ -73,9 +73,12 @@ def _obqa_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
-def write_sample_data(folder: str | Path, *, n_train: int = 96, n_eval: int = 36, seed: int = 0) -> dict[str, Path]:
+def write_sample_data(folder: str | Path, *, n_train: int = 96, n_eval: int = 36, seed: int = 0,
+                      write_text=None) -> dict[str, Path]:
     """Write ``<folder>/<task>/{train,<eval split>}.jsonl`` for each sample task.
 
+    `write_text(path, text)` writes one file (default: create or replace it); the quickstart
+    passes its run folder's, which replaces only files the program created.
     Returns task name -> its folder (usable as an adapter's ``data``).
     """
     rng = random.Random(seed)
@@ -86,6 +89,10 @@ def write_sample_data(folder: str | Path, *, n_train: int = 96, n_eval: int = 36
         task_dir.mkdir(parents=True, exist_ok=True)
         for split, n in (("train", n_train), (eval_split, n_eval)):
             rows = make(rng, n)
-            (task_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            path, text = task_dir / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
+            if write_text is None:
+                path.write_text(text, encoding="utf-8")
+            else:
+                write_text(path, text)
         out[task] = task_dir
     return out

@@ -104,6 +104,8 @@ def _read_jsonl(path: Path) -> RowChunk:
 def _read_json(path: Path) -> RowChunk:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise  # reported by read_file with the encoding advice
     except ValueError as exc:
         if "Extra data" in str(exc):
             # Many ".json" datasets are really JSON Lines; read them as such.
@@ -154,7 +156,13 @@ def read_file(path: str | Path) -> RowChunk:
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(EXTENSIONS)}.")
-    return reader(path)
+    try:
+        return reader(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); data "
+                        "files are read as UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8 IN > OUT`.") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc}).") from None
 
 
 # --------------------------------------------------------------------------- local layout

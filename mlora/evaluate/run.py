@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from mlora.data import BENCHMARK_TASKS
 from mlora.evaluate.batched import BASE, adapter_spec, base_spec, evaluate
 from mlora.evaluate.protocols import EvaluationError
 from mlora.evaluate.results import RESULTS_STEM, EvalResults, format_table, save_results
+from mlora.run_folder import RunFolder, open_run_folder
 
 
 def _has_benchmark(cfg) -> bool:
@@ -68,9 +70,9 @@ def plan_evaluation(run_config, output_dir, adapters: Sequence[str] | None = Non
 
 def evaluate_run(model, tokenizer, run_config, output_dir, base_model_name: str | None = None, *,
                  adapters: Sequence[str] | None = None, protocol: str | None = None, limit: int | None = None,
-                 require_tasks: bool = True, stem: str = RESULTS_STEM, progress: bool = True,
-                 echo=print) -> EvalResults | None:
-    """Score the saved adapters of a run, print the table and save it into `output_dir`.
+                 require_tasks: bool = True, stem: str | None = None, progress: bool = True,
+                 echo=print, folder: RunFolder | None = None) -> EvalResults | None:
+    """Score the saved adapters of a run, print the table and save it into ``output_dir/_mlora/``.
 
     This is what `launch.py run` calls after training and what `launch.py evaluate` runs.
     Adapters are loaded from ``output_dir/<name>/`` onto `model` (one already loaded under its
@@ -86,9 +88,11 @@ def evaluate_run(model, tokenizer, run_config, output_dir, base_model_name: str 
         adapters, require_tasks: see `plan_evaluation` (``base`` scores the bare model).
         protocol: override every adapter's own protocol.
         limit: at most this many items per task.
-        stem: results file name stem (``<stem>.json`` and ``<stem>.csv``).
+        stem: results file name stem (``<stem>.json`` and ``<stem>.csv``); None: `results_stem`
+            of `adapters`, `protocol` and `limit`, so a partial evaluation never replaces a full one.
         progress: show a progress bar.
         echo: where the table and file names are printed.
+        folder: `output_dir` opened by the caller (`open_run_folder`); None opens it to save.
     Returns:
         The `EvalResults`, or None when there was nothing to score (``require_tasks=False``).
     """
@@ -112,22 +116,30 @@ def evaluate_run(model, tokenizer, run_config, output_dir, base_model_name: str 
     finally:
         for name in loaded:
             model.remove_adapter(name)
-    json_path, csv_path = save_results(results, output_dir, stem)
+    if stem is None:
+        stem = results_stem(adapters[0] if adapters is not None and len(adapters) == 1 else None, protocol, limit)
+    with contextlib.nullcontext(folder) if folder is not None else open_run_folder(output_dir) as opened:
+        for suffix in (".json", ".csv"):
+            opened.check_replaceable(opened.meta / f"{stem}{suffix}")
+        json_path, csv_path = save_results(results, opened.meta, stem)
+        for path in (json_path, csv_path):
+            opened.created(path)
     echo(format_table(results))
     echo(f"results: {json_path} and {csv_path}")
     return results
 
 
-def results_stem(adapter: str | None = None, protocol: str | None = None) -> str:
-    """``eval_results``, ``eval_results_<adapter>``, ``..._<protocol>``: a partial or re-scored
-    evaluation does not overwrite the full one."""
-    return "_".join([RESULTS_STEM] + [part for part in (adapter, protocol) if part])
+def results_stem(adapter: str | None = None, protocol: str | None = None, limit: int | None = None) -> str:
+    """``eval_results``, ``eval_results_<adapter>``, ``..._<protocol>``, ``..._limit<N>``: a partial,
+    re-scored or limited evaluation never replaces the full one."""
+    parts = [adapter, protocol, f"limit{limit}" if limit is not None else None]
+    return "_".join([RESULTS_STEM] + [part for part in parts if part])
 
 
 def evaluate_saved(base_model: str, run_config, output_dir, *, adapters: Sequence[str] | None = None,
                    protocol: str | None = None, limit: int | None = None, dtype: str | None = None,
-                   quantize: str | None = None, device: str | None = None, stem: str = RESULTS_STEM,
-                   progress: bool = True, echo=print) -> EvalResults | None:
+                   quantize: str | None = None, device: str | None = None, stem: str | None = None,
+                   progress: bool = True, echo=print, folder: RunFolder | None = None) -> EvalResults | None:
     """`launch.py evaluate`: check the plan, load the base model, then `evaluate_run`.
 
     `dtype` None is bf16 on a CUDA device that supports it, else fp32 (as `launch.py run`).
@@ -142,10 +154,12 @@ def evaluate_saved(base_model: str, run_config, output_dir, *, adapters: Sequenc
         dtype = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
     model, tokenizer = load_base_model(base_model, dtype=dtype, quantize=quantize, device=device)
     return evaluate_run(MultiAdapterModel(model), tokenizer, run_config, output_dir, base_model,
-                        adapters=adapters, protocol=protocol, limit=limit, stem=stem, progress=progress, echo=echo)
+                        adapters=adapters, protocol=protocol, limit=limit, stem=stem, progress=progress, echo=echo,
+                        folder=folder)
 
 
-def evaluate_trained(summary, run_config, base_model_name: str | None, echo=print) -> EvalResults | None:
+def evaluate_trained(summary, run_config, base_model_name: str | None, echo=print,
+                     folder: RunFolder | None = None) -> EvalResults | None:
     """`launch.py run`, after training: score every adapter that finished (now or in an
     earlier run) and has a benchmark task, on the model and tokenizer training used.
 
@@ -155,4 +169,4 @@ def evaluate_trained(summary, run_config, base_model_name: str | None, echo=prin
     if not done or summary.model is None:
         return None
     return evaluate_run(summary.model, summary.tokenizer, run_config, summary.output_dir, base_model_name,
-                        adapters=done, require_tasks=False, echo=echo)
+                        adapters=done, require_tasks=False, echo=echo, stem=RESULTS_STEM, folder=folder)

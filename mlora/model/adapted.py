@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mlora.config import adapter_name_problem
 from mlora.errors import MloraError
 from mlora.model.context import AdapterContext, BatchLayout
 from mlora.model.lora import LoraLinear
@@ -99,10 +100,9 @@ class MultiAdapterModel(nn.Module):
         """
         if cfg.name in self.configs:
             raise AdapterError(f"adapter {cfg.name!r} is already loaded")
-        if "." in cfg.name or hasattr(nn.ModuleDict(), cfg.name):
-            # Adapters are keys of nn.ModuleDicts: no dots, no names of Module attributes.
-            raise AdapterError(f"adapter name {cfg.name!r} cannot be used: it must not contain '.' nor be a "
-                               "torch Module attribute (train, eval, half, to, ...); rename the adapter")
+        problem = adapter_name_problem(cfg.name)
+        if problem:
+            raise AdapterError(problem)
         layers = decoder_layers(self.model)
         missing = [t for t in cfg.target_modules if _find_projection(layers[0], t) is None]
         if missing:
@@ -110,6 +110,7 @@ class MultiAdapterModel(nn.Module):
                             if hasattr(m, "in_features") and not p.endswith("base_layer")})
             raise AdapterError(f"adapter {cfg.name!r}: target module(s) {missing} not found in "
                                f"{type(self.model).__name__}; available: {names}")
+        _check_ranks(cfg, layers[0])  # before allocating: a huge r would take all memory first
         rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
         self.configs[cfg.name] = cfg
         try:
@@ -209,6 +210,24 @@ class MultiAdapterModel(nn.Module):
         """Recompute each decoder layer in backward, with the layout it ran under."""
         self.model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=self.context.checkpoint_fn)
         self.model.config.use_cache = False
+
+
+def _check_ranks(cfg, layer: nn.Module) -> None:
+    """A LoRA rank above a projection's smaller side adds nothing but memory: refuse it."""
+    from mlora.model.quant import linear_features
+
+    expert_r = cfg.expert_settings().r if getattr(cfg, "is_moe", False) else cfg.r
+    for target in cfg.target_modules:
+        module = layer.get_submodule(_find_projection(layer, target))
+        if isinstance(module, LoraLinear):
+            module = module.base_layer
+        width = min(linear_features(module))
+        moe_ffn = getattr(cfg, "is_moe", False) and target in FFN_PROJECTIONS
+        r, key = (expert_r, "expert_lora.r" if cfg.expert_lora is not None else "r") if moe_ffn else (cfg.r, "r")
+        if r > width:
+            raise AdapterError(f"adapter {cfg.name!r}: {key} = {r} exceeds the width of {target} "
+                               f"({'x'.join(map(str, linear_features(module)))}); a LoRA rank can be at most "
+                               f"{width} there: lower {key}")
 
 
 def _has_experts(cfg, layer_index: int) -> bool:

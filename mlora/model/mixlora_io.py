@@ -69,24 +69,31 @@ def _modernise(key: str) -> str:
 def mixlora_to_internal(tensors: dict, params: dict, folder: Path) -> dict[str, torch.Tensor]:
     """Map file tensors onto the internal parameter keys of `params` (stacking experts).
 
-    Keys the model expects but the file lacks are left out, so the caller reports them.
-    File keys nobody asked for are returned under their own names, so they are reported too.
+    File keys nobody asked for are returned under their own names, so the caller reports them.
+
+    Raises:
+        AdapterFileError: naming the file keys the model expects and the file lacks (only
+            those: the other experts of a stacked tensor are not "unexpected").
     """
     from mlora.io import AdapterFileError
 
     tensors = {_modernise(k): v for k, v in tensors.items()}
-    used, internal = set(), {}
+    used, internal, missing = set(), {}, []
     for key, param in params.items():
         num = param.shape[0] if ".experts." in key else 1
         names = file_names(key, num)
+        used.update(n for n in names if n in tensors)
         if not all(n in tensors for n in names):
+            missing += [n for n in names if n not in tensors]
             continue
-        used.update(names)
         parts = [tensors[n] for n in names]
         try:
             internal[key] = parts[0] if len(names) == 1 else torch.stack(parts)
         except RuntimeError as err:
             raise AdapterFileError(f"{folder}: expert tensors of {names[0]} differ in shape ({err})") from err
+    if missing:
+        raise AdapterFileError(f"{folder}: the weights lack {len(missing)} key(s) the adapter config asks for: "
+                               f"{', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}")
     internal.update({k: v for k, v in tensors.items() if k not in used})
     return internal
 
@@ -127,8 +134,7 @@ def mixlora_config_json(cfg, base_model_name_or_path: str | None, default_act_fn
 
 def mixlora_config_from_json(data: dict, name: str, where: Path):
     """Our `MixLoraConfig` from a MixLoRA ``adapter_config.json`` (ours, the package's, MoE-PEFT's)."""
-    from mlora.config import _STRATEGY_KEYS, ConfigError, MixLoraConfig, adapter_from_dict
-    from mlora.config import _ROUTING_ALIASES
+    from mlora.config import _ROUTING_ALIASES, _STRATEGY_KEYS, ConfigError, MixLoraConfig, adapter_from_dict
     from mlora.io import AdapterFileError
 
     fields = set(MixLoraConfig.__dataclass_fields__)

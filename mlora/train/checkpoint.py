@@ -1,91 +1,133 @@
-"""Atomic checkpoints of a run and the final adapter folders.
+"""Checkpoints of a run and the final adapter folders, in a `RunFolder`.
 
-Layout under ``output_dir``::
+Layout (see `mlora.run_folder`)::
 
-    <name>/                        final adapter (PEFT / MixLoRA files + mlora_training.json)
-    checkpoints/step-00000012/     one consistent snapshot of the run after global step 12
-        run_state.json             dispatcher queue, finished/failed adapters, seed, run id
-        <name>/                    per active adapter: its adapter files (loadable as an
-            trainer_state.pt       adapter) + optimizer, scheduler, loss scale, data position,
-                                   partial gradients of an unfinished accumulation
-    logs/<name>.jsonl              metrics
+    <root>/<name>/                          final adapter (PEFT / MixLoRA files + mlora_training.json)
+    <root>/_mlora/checkpoints/step-00000012/  one consistent snapshot after global step 12
+        run_state.json                      dispatcher queue, finished/failed adapters, seed, run id
+        <name>/                             per active adapter: its adapter files (loadable as an
+            trainer_state.pt                adapter) + optimizer, scheduler, loss scale, data
+                                            position, partial gradients of an unfinished accumulation
+        manifest.json                       size and SHA-256 of every file above; written last
 
 A checkpoint snapshots every active adapter at the same global step, not each adapter on its
 own: the adapters of one step share a padded batch, so only a consistent cut lets a resumed
-run rebuild exactly the same batches (and so end with bit-identical weights). Everything is
-written into a temporary folder next to the target and renamed into place, so a kill leaves
-either the previous complete folder or the new one, never half of one.
+run rebuild exactly the same batches (and so end with bit-identical weights). Each is written
+into a temporary folder and renamed into place, and its manifest is written last: a folder
+whose files do not match its manifest (truncated, edited, missing, or no manifest at all) is
+damaged, and `--resume` falls back to the newest intact one (`KEEP_CHECKPOINTS` are kept).
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
-import os
-import shutil
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mlora.io import save_adapter
+from mlora.run_folder import RunFolder
+from mlora.train.data import TrainError
 
-CHECKPOINTS = "checkpoints"
+logger = logging.getLogger("mlora.train")
+
 RUN_STATE = "run_state.json"
 TRAINER_STATE = "trainer_state.pt"
+CHECKPOINT_MANIFEST = "manifest.json"
 TRAINING_INFO = "mlora_training.json"
 KEEP_CHECKPOINTS = 2
 
 
-@contextlib.contextmanager
-def atomic_folder(target: Path):
-    """Yield a temporary folder beside `target`; on success it replaces `target` by renames.
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint folder; `problem` says why it is damaged (None: intact)."""
 
-    On an exception the temporary folder is removed and `target` is left as it was.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    step: int
+    path: Path
+    problem: str | None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / CHECKPOINT_MANIFEST)
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _files(folder)}
+    (folder / CHECKPOINT_MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n",
+                                              encoding="utf-8")
+
+
+def verify(folder: Path) -> str | None:
+    """What is wrong with checkpoint `folder` (None when every file matches its manifest)."""
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".old-{target.name}-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        doc = json.loads((folder / CHECKPOINT_MANIFEST).read_text(encoding="utf-8"))
+        expected = doc["files"]
+        if not isinstance(expected, dict):
+            raise TypeError
+    except FileNotFoundError:
+        return f"no {CHECKPOINT_MANIFEST} (the checkpoint was not finished)"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{CHECKPOINT_MANIFEST} is damaged"
+    present = {p.relative_to(folder).as_posix(): p for p in _files(folder)}
+    for rel, meta in expected.items():
+        path = present.get(rel)
+        if path is None:
+            return f"{rel} is missing"
+        if path.stat().st_size != meta.get("size"):
+            return f"{rel} has {path.stat().st_size} bytes, {meta.get('size')} were written"
+        if _sha256(path) != meta.get("sha256"):
+            return f"{rel} differs from what was written (checksum)"
+    extra = sorted(set(present) - set(expected))
+    if extra:
+        return f"{extra[0]} was not part of the checkpoint"
+    if RUN_STATE not in expected:
+        return f"{RUN_STATE} is missing"
+    return None
 
 
-def checkpoint_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / CHECKPOINTS
-
-
-def checkpoint_steps(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints as ``(global step, folder)``, oldest first."""
+def checkpoints(folder: RunFolder) -> list[Checkpoint]:
+    """Every checkpoint folder of the run (intact or damaged), oldest first. One that is not as
+    this program wrote it (per the run manifest) counts as damaged and is never deleted."""
     found = []
-    root = checkpoint_dir(output_dir)
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith("step-") and (path / RUN_STATE).is_file():
-                with contextlib.suppress(ValueError):
-                    found.append((int(path.name[5:]), path))
-    return sorted(found)
+    if folder.checkpoints.is_dir():
+        for path in folder.checkpoints.iterdir():
+            if path.is_dir() and path.name.startswith("step-") and path.name[5:].isdigit():
+                found.append((int(path.name[5:]), path))
+    return [Checkpoint(step, path, verify(path) if folder.owns(path) else "changed since mlora wrote it")
+            for step, path in sorted(found)]
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    steps = checkpoint_steps(output_dir)
-    return steps[-1][1] if steps else None
+def latest_intact(folder: RunFolder) -> Path | None:
+    """The newest intact checkpoint; each newer damaged one is reported as it is skipped.
+
+    Raises `TrainError` when checkpoints exist but none is intact."""
+    found = checkpoints(folder)
+    for cp in reversed(found):
+        if cp.problem is None:
+            return cp.path
+        logger.warning("checkpoint %s is damaged (%s); trying the one before it", cp.path, cp.problem)
+    if found:
+        raise TrainError(f"no intact checkpoint in {folder.checkpoints} ("
+                         + "; ".join(f"{cp.path.name}: {cp.problem}" for cp in found)
+                         + "); start over with --overwrite")
+    return None
 
 
-def write_checkpoint(output_dir: Path, step: int, run_state: dict, model, states: dict[str, dict],
+def write_checkpoint(folder: RunFolder, step: int, run_state: dict, model, states: dict[str, dict],
                      base_model: str | None) -> Path:
-    """Write one run checkpoint atomically and keep only the latest `KEEP_CHECKPOINTS`.
+    """Write one run checkpoint atomically and keep only the latest `KEEP_CHECKPOINTS` intact ones.
 
     Args:
         step: global steps done; names the folder.
@@ -93,44 +135,58 @@ def write_checkpoint(output_dir: Path, step: int, run_state: dict, model, states
         model: the `MultiAdapterModel` holding every adapter in `states`.
         states: adapter name -> its trainer state (tensors and plain values; see `AdapterRun`).
     """
-    target = checkpoint_dir(output_dir) / f"step-{step:08d}"
-    with atomic_folder(target) as tmp:
+    target = folder.checkpoints / f"step-{step:08d}"
+    with folder.replace_dir(target) as tmp:
         for name, state in states.items():
             save_adapter(model, name, tmp / name, base_model)
             torch.save(state, tmp / name / TRAINER_STATE)
-        # Written last: a folder is a checkpoint only once its run state is in it.
         (tmp / RUN_STATE).write_text(json.dumps(run_state, indent=2) + "\n", encoding="utf-8")
-    for _, old in checkpoint_steps(output_dir)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+        _write_manifest(tmp)  # last: a checkpoint is intact only once its manifest is in it
+    found = checkpoints(folder)
+    kept = [cp.step for cp in found if cp.problem is None][-KEEP_CHECKPOINTS:]
+    for cp in found:
+        if cp.step < kept[0] and folder.owns(cp.path):  # older than every kept intact one: never needed again
+            folder.remove(cp.path)
     return target
 
 
+def remove_checkpoints(folder: RunFolder) -> None:
+    """Delete the run's checkpoints (only folders this program wrote)."""
+    for cp in checkpoints(folder):
+        if folder.owns(cp.path):
+            folder.remove(cp.path)
+
+
 def read_run_state(checkpoint: Path) -> dict:
-    return json.loads((Path(checkpoint) / RUN_STATE).read_text(encoding="utf-8"))
+    try:
+        state = json.loads((Path(checkpoint) / RUN_STATE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise TypeError
+        return state
+    except (OSError, ValueError, TypeError) as err:
+        raise TrainError(f"{Path(checkpoint) / RUN_STATE} cannot be read ({err}); start over with --overwrite") from None
 
 
 def read_trainer_state(checkpoint: Path, name: str) -> dict:
     """The trainer state of adapter `name` in `checkpoint` (tensors on CPU)."""
-    return torch.load(Path(checkpoint) / name / TRAINER_STATE, map_location="cpu", weights_only=True)
+    path = Path(checkpoint) / name / TRAINER_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- a damaged pickle surfaces as many types
+        raise TrainError(f"{path} cannot be read ({type(err).__name__}: {err}); "
+                         "start over with --overwrite") from None
 
 
-def remove_checkpoints(output_dir: Path) -> None:
-    shutil.rmtree(checkpoint_dir(output_dir), ignore_errors=True)
+def is_finished_adapter(folder: RunFolder, name: str) -> bool:
+    """True when the run saved adapter `name` (a folder of its own with its config file)."""
+    path = folder.adapter(name)
+    return (path / "adapter_config.json").is_file() and folder.owns(path)
 
 
-def remove_folder(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def is_finished_adapter(folder: Path) -> bool:
-    """True when `folder` holds a saved adapter (its config file is written with the weights)."""
-    return (Path(folder) / "adapter_config.json").is_file()
-
-
-def write_final_adapter(output_dir: Path, model, name: str, base_model: str | None, info: dict) -> Path:
-    """Save adapter `name` to ``output_dir/<name>/`` atomically, with `info` as `TRAINING_INFO`."""
-    target = Path(output_dir) / name
-    with atomic_folder(target) as tmp:
+def write_final_adapter(folder: RunFolder, model, name: str, base_model: str | None, info: dict) -> Path:
+    """Save adapter `name` to ``<root>/<name>/`` atomically, with `info` as `TRAINING_INFO`."""
+    target = folder.adapter(name)
+    with folder.replace_dir(target) as tmp:
         save_adapter(model, name, tmp, base_model)
         (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return target
@@ -142,5 +198,5 @@ def read_training_info(folder: Path) -> dict:
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (ValueError, UnicodeDecodeError):
         return {}

@@ -26,13 +26,14 @@ logger = logging.getLogger("mlora.train")
 
 
 class MetricsLog:
-    """Appends one adapter's metrics to ``<folder>/<name>.jsonl`` and, if TensorBoard is
-    installed, to event files under ``<tensorboard_dir>/<name>``."""
+    """Appends one adapter's metrics to the JSONL file `path` and, if `tensorboard_dir` is
+    given (TensorBoard installed), to event files in that folder."""
 
-    def __init__(self, name: str, folder: Path, tensorboard_dir: Path | None, keep_until: int | None):
-        """`keep_until`: None starts the file afresh; a step keeps the lines up to it (resume)."""
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{name}.jsonl"
+    def __init__(self, path: Path, tensorboard_dir: Path | None, keep_until: int | None):
+        """`keep_until`: None starts the file afresh; a step keeps the lines up to it (resume).
+        The caller has checked that `path` may be replaced (`RunFolder.check_replaceable`)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         lines = []
         if keep_until is not None and self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -44,7 +45,7 @@ class MetricsLog:
                     lines.append(line + "\n")
         self.path.write_text("".join(lines), encoding="utf-8")
         self._file = self.path.open("a", encoding="utf-8")
-        self._tb = _tensorboard_writer(tensorboard_dir / name) if tensorboard_dir is not None else None
+        self._tb = _tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None else None
 
     def step(self, record: dict) -> None:
         """Write one optimizer step's metrics (``step`` required)."""

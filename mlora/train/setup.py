@@ -16,6 +16,7 @@ import torch
 
 from mlora.model.adapted import MultiAdapterModel
 from mlora.model.loading import resolve_dtype
+from mlora.run_folder import RunFolder
 from mlora.train import checkpoint as ckpt
 from mlora.train.data import Prepared, TrainError, adapter_seed
 
@@ -63,27 +64,33 @@ class TrainOptions:
         return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
 
 
-def plan_output(config, options: TrainOptions) -> Path | None:
-    """Check ``output_dir`` against the flags; returns the checkpoint to resume from (or None).
+def plan_output(config, options: TrainOptions, folder: RunFolder) -> Path | None:
+    """Check the output folder against the flags; returns the checkpoint to resume from (or None).
 
-    Raises `TrainError` when finished adapters or an unfinished run would be overwritten
-    without ``--overwrite``.
+    Raises:
+        FolderError: a path the run would write (an adapter's folder, log or TensorBoard
+            events) exists and was not written by mlora: it is never replaced, whatever the flags.
+        TrainError: finished adapters or an unfinished run would be replaced without
+            ``--overwrite``, or ``--resume`` finds only damaged checkpoints.
     """
-    out = options.output_dir
     if options.resume and options.overwrite:
         raise TrainError("give --resume (continue the run in --output_dir) or --overwrite (start over), not both")
-    latest = ckpt.latest_checkpoint(out)
+    outputs = [path for a in config.lora for path in folder.outputs_of(a.name)]
+    for path in outputs:
+        folder.check_replaceable(path)
     if options.resume:
-        return latest
+        return ckpt.latest_intact(folder)
     if options.overwrite:
         return None
-    if latest is not None:
-        raise TrainError(f"{out} holds a checkpoint of an unfinished run ({latest}); pass --resume to continue it, "
-                         "--overwrite to start over, or choose another --output_dir")
-    taken = [a.name for a in config.lora if (out / a.name).exists()]
+    found = ckpt.checkpoints(folder)
+    if found:
+        raise TrainError(f"{folder.root} holds a checkpoint of an unfinished run ({found[-1].path}); pass --resume "
+                         "to continue it, --overwrite to start over, or choose another --output_dir")
+    taken = [str(path) for path in outputs if path.exists()]
     if taken:
-        raise TrainError(f"{out} already holds {', '.join(str(out / n) for n in taken)}; pass --overwrite to replace "
-                         "them, --resume to train only the adapters not finished yet, or choose another --output_dir")
+        raise TrainError(f"{folder.root} already holds {', '.join(taken)} from an earlier run; pass --overwrite to "
+                         "replace them, --resume to train only the adapters not finished yet, or choose another "
+                         "--output_dir")
     return None
 
 
@@ -104,21 +111,18 @@ def check_adapters(model: MultiAdapterModel, cfgs: list, seed: int) -> None:
             model.add_adapter(cfg, seed=adapter_seed(seed, cfg.name))
         except NotImplementedError as err:
             raise TrainError(f"adapter {cfg.name!r}: {err}") from None
-        except KeyError as err:  # torch refuses module names that shadow nn.Module attributes
-            raise TrainError(f"adapter {cfg.name!r}: this name cannot be used ({err.args[0]}); rename the adapter") from None
         model.remove_adapter(cfg.name)
 
 
 def check_eval_data(cfgs: list) -> None:
-    """An adapter with ``evaluate_steps`` is scored on its benchmarks' evaluation splits while it
-    trains: read them now, so a missing split fails before training rather than midway."""
+    """Read one item of every evaluation split the run will score (at the end, and during
+    training with ``evaluate_steps``), so a missing split fails before the first step rather
+    than after the adapters have trained."""
     from mlora.data import is_benchmark, load_items, task_names, task_sources
 
     for cfg in cfgs:
-        if not cfg.evaluate_steps:
-            continue
         tasks = [(t, src) for t, src in task_sources(task_names(cfg.task_name), cfg.data) if is_benchmark(t)]
-        if not tasks:
+        if cfg.evaluate_steps and not tasks:
             logger.warning("%s: evaluate_steps has nothing to score (task %s has no benchmark split)", cfg.name,
                            cfg.task_name)
         for task, source in tasks:

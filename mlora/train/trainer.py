@@ -16,8 +16,10 @@ One global step of `fit`:
 7. checkpoint when an adapter reaches a multiple of ``save_step`` or finishes; a finished
    adapter is saved to ``output_dir/<name>/`` and unloaded.
 
-Ctrl-C finishes the current step and writes a resumable checkpoint; ``--resume`` continues
-from the latest checkpoint and ends with the same weights as an uninterrupted run.
+Ctrl-C (SIGINT) and SIGTERM (what Slurm, Kubernetes and systemd send before they kill a job)
+finish the current step and write a resumable checkpoint; ``--resume`` continues from the
+newest intact checkpoint and ends with the same weights as an uninterrupted run. Everything is
+written through the run's `RunFolder`, which replaces only what this program created.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from mlora.io import load_adapter
 from mlora.kernels.cross_entropy import token_cross_entropy
 from mlora.model.adapted import MultiAdapterModel
 from mlora.model.loading import load_base_model
+from mlora.run_folder import RunFolder, open_run_folder
 from mlora.train import checkpoint as ckpt
 from mlora.train.data import (
     AdapterData,
@@ -51,8 +54,8 @@ from mlora.train.data import (
     adapter_seed,
     collate_mixed,
     micro_batches_per_epoch,
-    read_examples,
     mix_seed,
+    read_examples,
     step_seed,
     tokenize,
 )
@@ -80,7 +83,7 @@ class AdapterSummary:
 
     ``status``: ``finished`` (saved in `folder`), ``done-before`` (found finished on resume),
     ``failed`` (stopped; `message` says why), ``interrupted`` (state in the checkpoint),
-    ``waiting`` (interrupted before it started).
+    ``waiting`` (interrupted before it started). `steps` counts its optimizer steps.
     """
 
     name: str
@@ -96,6 +99,9 @@ class AdapterSummary:
 class TrainSummary:
     """What `run_training` did and where it put everything.
 
+    `global_steps` counts the shared forward/backward passes (each serves up to
+    ``train_lora_simultaneously_num`` adapters); each adapter's `steps` its optimizer steps.
+    `signal` is the signal that stopped an interrupted run (SIGINT or SIGTERM), else None.
     `model` is the base model (adapters unloaded) and `tokenizer` its tokenizer, so that
     evaluation can reuse them instead of loading the base again.
     """
@@ -107,6 +113,7 @@ class TrainSummary:
     global_steps: int
     seconds: float
     tensorboard: Path | None = None
+    signal: int | None = None
     model: MultiAdapterModel | None = field(default=None, repr=False)
     tokenizer: object = field(default=None, repr=False)
 
@@ -117,14 +124,15 @@ class TrainSummary:
             where = f" -> {a.folder}" if a.folder else ""
             loss = f", final loss {a.final_loss:.4f}" if a.final_loss is not None else ""
             note = f" ({a.message})" if a.message else ""
-            out.append(f"{a.name}: {a.status}, {a.steps} steps{loss}{where}{note}")
+            out.append(f"{a.name}: {a.status}, {a.steps} optimizer step{'s' if a.steps != 1 else ''}{loss}{where}{note}")
             if a.metrics:
                 out.append(f"  metrics: {a.metrics}")
         if self.tensorboard is not None:
             out.append(f"tensorboard: {self.tensorboard}")
         if self.checkpoint is not None:
             out.append(f"checkpoint: {self.checkpoint} (continue with --resume)")
-        out.append(f"{self.global_steps} training steps in {self.seconds:.1f} s; output in {self.output_dir}")
+        out.append(f"{self.global_steps} shared forward/backward step{'s' if self.global_steps != 1 else ''} over the "
+                   f"base model in {self.seconds:.1f} s; output in {self.output_dir}")
         return out
 
 
@@ -134,6 +142,7 @@ class Run:
 
     config: object
     options: TrainOptions
+    folder: RunFolder
     model: MultiAdapterModel
     device: torch.device
     fp16: bool
@@ -150,6 +159,7 @@ class Run:
     last_checkpoint: Path | None = None
     tokenizer: object = None
     no_scoring: set[str] = field(default_factory=set)  # adapters whose evaluation failed
+    stop_signal: int | None = None
 
     def cfg(self, name: str):
         return next(a for a in self.config.lora if a.name == name)
@@ -157,9 +167,10 @@ class Run:
 
 # ======================================================================= the training loop
 def fit(run: Run, progress: Progress) -> bool:
-    """Train until every adapter is done or a stop is requested (Ctrl-C, ``stop_after_steps``).
+    """Train until every adapter is done or a stop is requested (SIGINT, SIGTERM, ``stop_after_steps``).
 
-    Returns True when stopped early (a resumable checkpoint has been written).
+    Returns True when stopped early (a resumable checkpoint has been written; `run.stop_signal`
+    says which signal, if any, asked for it).
     """
     config, options = run.config, run.options
     with _interrupt_guard() as interrupt:
@@ -170,8 +181,9 @@ def fit(run: Run, progress: Progress) -> bool:
                     run.active[name] = activate(run, name)
             if not run.active:
                 return False
-            if interrupt.requested or (options.stop_after_steps is not None
-                                       and run.dispatcher.step >= options.stop_after_steps):
+            if interrupt.signal is not None or (options.stop_after_steps is not None
+                                                and run.dispatcher.step >= options.stop_after_steps):
+                run.stop_signal = interrupt.signal
                 save_checkpoint(run)
                 return True
 
@@ -360,8 +372,11 @@ def activate(run: Run, name: str) -> AdapterRun:
     else:
         run.model.add_adapter(cfg, seed=seed)
     # A resumed adapter keeps its log up to the checkpoint; a fresh one starts a new log.
-    metrics = MetricsLog(name, run.options.output_dir / "logs", _tensorboard_dir(run.options.output_dir),
-                         keep_until=state["step"] if restoring else None)
+    tensorboard = run.folder.tensorboard / name if tensorboard_available() else None
+    metrics = MetricsLog(run.folder.logs / f"{name}.jsonl", tensorboard, keep_until=state["step"] if restoring else None)
+    for path in (metrics.path, tensorboard):
+        if path is not None:
+            run.folder.created(path, growing=True)  # appended to step by step
     ar = AdapterRun.create(cfg, seed, run.prepared[name], run.model.adapter_parameters(name), run.fp16, metrics)
     if restoring:
         ar.load_state_dict(state)
@@ -376,7 +391,7 @@ def finish_adapter(run: Run, ar: AdapterRun) -> None:
     info = {"run_id": run.run_id, "base_model": run.options.base_model, "seed": run.seed, "steps": ar.step,
             "epochs": ar.cfg.num_epochs, "examples": len(ar.data.examples),
             "truncated": ar.prepared.num_truncated, "final_loss": ar.last_loss}
-    folder = ckpt.write_final_adapter(run.options.output_dir, run.model, ar.name, run.options.base_model, info)
+    folder = ckpt.write_final_adapter(run.folder, run.model, ar.name, run.options.base_model, info)
     logger.info("%s: finished after %d steps (last loss %s); saved to %s", ar.name, ar.step,
                 "n/a" if ar.last_loss is None else f"{ar.last_loss:.4f}", folder)
     run.finished[ar.name] = AdapterSummary(ar.name, "finished", folder, ar.step, ar.last_loss, ar.metrics.path)
@@ -405,56 +420,65 @@ def save_checkpoint(run: Run) -> Path:
              "finished": sorted(run.finished), "failed": dict(run.failed),
              "positions": {name: dataclasses.asdict(ar.position) for name, ar in run.active.items()}}
     states = {name: ar.state_dict() for name, ar in run.active.items()}
-    path = ckpt.write_checkpoint(run.options.output_dir, run.dispatcher.step, state, run.model, states,
-                                 run.options.base_model)
+    path = ckpt.write_checkpoint(run.folder, run.dispatcher.step, state, run.model, states, run.options.base_model)
     run.last_checkpoint = path
     logger.info("checkpoint: %s", path)
     return path
 
 
-def _tensorboard_dir(output_dir: Path) -> Path | None:
-    return output_dir / "tensorboard" if tensorboard_available() else None
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
 def _interrupt_guard():
-    """First Ctrl-C: finish the step and checkpoint (``requested``); a second one aborts."""
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler preempting the job): finish the step and
+    checkpoint; `signal` holds the first one received. A second signal aborts at once."""
 
     class Flag:
-        requested = False
+        signal: int | None = None
 
     flag = Flag()
     if threading.current_thread() is not threading.main_thread():
         yield flag  # signal handlers can only be installed from the main thread
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
     def handler(signum, frame):
-        if flag.requested:
+        if flag.signal is not None:
             raise KeyboardInterrupt
-        flag.requested = True
-        logger.warning("interrupted: finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)")
+        flag.signal = signum
+        logger.warning("%s: finishing this step and saving a checkpoint (a second signal aborts without saving)",
+                       signal.Signals(signum).name)
 
-    signal.signal(signal.SIGINT, handler)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
-def run_training(config, options: TrainOptions) -> TrainSummary:
+def run_training(config, options: TrainOptions, folder: RunFolder | None = None) -> TrainSummary:
     """Train every adapter of a `RunConfig`, save each to ``output_dir/<name>/``.
 
-    Problems found before training (existing outputs, missing or empty data, a base model
-    that cannot be loaded, a target module the model lacks) raise `TrainError`,
-    `mlora.data.DataError`, `ModelLoadError` or `AdapterError` before any step runs.
+    Problems found before training (outputs in the way, missing or empty data or evaluation
+    splits, a base model that cannot be loaded, a target module the model lacks) raise an
+    `MloraError` (`TrainError`, `FolderError`, `DataError`, `ModelLoadError`, `AdapterError`)
+    before any step runs.
 
+    Args:
+        folder: ``options.output_dir`` opened with `open_run_folder` by a caller that goes on
+            using it (evaluation); None opens and locks it for this call.
     Returns:
         A `TrainSummary`; ``interrupted`` is True when stopped early with a checkpoint.
     """
+    if folder is None:
+        with open_run_folder(options.output_dir) as opened:
+            return run_training(config, options, opened)
     start = time.perf_counter()
     out = options.output_dir
-    resume_from = plan_output(config, options)
+    resume_from = plan_output(config, options, folder)
     state = ckpt.read_run_state(resume_from) if resume_from is not None else None
     seed = state["seed"] if state else options.seed
     if state and state["seed"] != options.seed:
@@ -468,7 +492,7 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
         raise TrainError(f"the checkpoint {resume_from} trains adapter(s) {', '.join(missing)} that the config no "
                          "longer lists; resume with the config the run was started with")
     failed_before = dict(state["failed"]) if state else {}
-    done = {n for n in names if n not in restore and options.resume and ckpt.is_finished_adapter(out / n)}
+    done = {n for n in names if n not in restore and options.resume and ckpt.is_finished_adapter(folder, n)}
     done |= set(state["finished"]) - restore if state else set()
     todo = [a for a in config.lora if a.name not in done and a.name not in failed_before]
 
@@ -487,11 +511,11 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
     if options.gradient_checkpointing:
         model.enable_gradient_checkpointing()
 
-    if options.overwrite:
-        ckpt.remove_checkpoints(out)
+    if options.overwrite:  # only now, with data, model and adapters checked: nothing is lost to a typo
+        ckpt.remove_checkpoints(folder)
         for a in config.lora:
-            ckpt.remove_folder(out / a.name)
-            ckpt.remove_folder(out / "tensorboard" / a.name)
+            for path in folder.outputs_of(a.name):
+                folder.remove(path)
     if state:
         dispatcher = Dispatcher.from_state(state["dispatcher"])
         known = set(dispatcher.active) | set(dispatcher.waiting)
@@ -503,7 +527,7 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
             logger.info("no checkpoint in %s: starting from the beginning", out)
         dispatcher = Dispatcher([a.name for a in todo])
 
-    run = Run(config, options, model, device, dtype == torch.float16, tokenizer.pad_token_id, seed,
+    run = Run(config, options, folder, model, device, dtype == torch.float16, tokenizer.pad_token_id, seed,
               state["run_id"] if state else uuid.uuid4().hex, prepared, dispatcher, resume_from, set(restore),
               failed=failed_before, tokenizer=tokenizer)
     total, initial = _progress_counts(run, todo, state["positions"] if state else {})
@@ -519,7 +543,7 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
             ar.metrics.close()
         model.eval()
     if not interrupted:
-        ckpt.remove_checkpoints(out)  # every adapter is done: the optimizer states are not needed
+        ckpt.remove_checkpoints(folder)  # every adapter is done: the optimizer states are not needed
 
     summaries: dict[str, AdapterSummary] = {}
     for a in config.lora:
@@ -527,22 +551,22 @@ def run_training(config, options: TrainOptions) -> TrainSummary:
         if n in run.finished:
             summaries[n] = run.finished[n]
         elif n in run.failed:
-            summaries[n] = AdapterSummary(n, "failed", metrics=out / "logs" / f"{n}.jsonl", message=run.failed[n])
+            summaries[n] = AdapterSummary(n, "failed", metrics=folder.logs / f"{n}.jsonl", message=run.failed[n])
         elif n in run.active:
             ar = run.active[n]
             summaries[n] = AdapterSummary(n, "interrupted", steps=ar.step, final_loss=ar.last_loss,
                                           metrics=ar.metrics.path)
         elif n in done:
-            info = ckpt.read_training_info(out / n)
-            summaries[n] = AdapterSummary(n, "done-before", out / n, info.get("steps", 0), info.get("final_loss"))
+            info = ckpt.read_training_info(folder.adapter(n))
+            summaries[n] = AdapterSummary(n, "done-before", folder.adapter(n), info.get("steps", 0),
+                                          info.get("final_loss"))
         else:
             summaries[n] = AdapterSummary(n, "waiting")
     for ar_name in list(run.active):
         run.model.remove_adapter(ar_name)
-    tensorboard = _tensorboard_dir(out)
     return TrainSummary(out, summaries, interrupted, run.last_checkpoint if interrupted else None,
                         run.dispatcher.step, time.perf_counter() - start,
-                        tensorboard if tensorboard is not None and tensorboard.is_dir() else None, model, tokenizer)
+                        folder.tensorboard if folder.tensorboard.is_dir() else None, run.stop_signal, model, tokenizer)
 
 
 def _progress_counts(run: Run, todo: list, positions: dict) -> tuple[int, int]:

@@ -171,8 +171,6 @@ def test_bad_adapters_are_refused():
     with pytest.raises(AdapterError, match=r"target module\(s\) \['c_attn'\] not found.*available"):
         adapted.add_adapter(lora_cfg("b", target_modules=["q_proj", "c_attn"]))
     assert "b" not in adapted.configs
-    with pytest.raises(AdapterError, match="'train' cannot be used"):
-        adapted.add_adapter(lora_cfg("train"))
     with pytest.raises(AdapterError, match="not loaded"):
         adapted.remove_adapter("nope")
 
@@ -198,3 +196,23 @@ def test_quantized_base_runs_forward_and_backward_on_cpu(tmp_path, quantize):
     grads = [p.grad for p in adapted.adapter_parameters("q").values()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert adapted.adapter_parameters("d")["model.layers.0.mlp.down_proj.magnitude"].grad is not None
+
+
+def test_every_name_the_config_accepts_works_in_the_model():
+    """torch refuses module names with dots or that are Module attributes; adapter names may be both."""
+    model, adapted = build(adapters=[])
+    ids = torch.randint(0, 64, (3, 5))
+    for name in ("v1.0", "train", "to"):
+        adapted.add_adapter(lora_cfg(name))
+        with torch.no_grad():
+            adapted.adapter_parameters(name)["model.layers.0.self_attn.q_proj.lora_B.weight"].fill_(0.1)
+    assert set(adapted.configs) == {"v1.0", "train", "to"}
+    assert all(k.startswith("model.layers.") for k in adapted.adapter_parameters("v1.0"))
+    layout = BatchLayout.from_sizes([("v1.0", 1), ("train", 1), ("to", 1)])
+    logits = adapted(ids, layout=layout).logits
+    alone = adapted(ids[1:2], layout=BatchLayout.from_sizes([("train", 1)])).logits
+    torch.testing.assert_close(logits[1:2], alone, rtol=1e-5, atol=1e-6)
+    adapted.train()  # the Module method is still the method
+    for name in ("v1.0", "train", "to"):
+        adapted.remove_adapter(name)
+    assert not adapted.configs

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlora.config import config_from_dict
+from mlora.run_folder import BOOKKEEPING, open_run_folder
 from mlora.train import TrainOptions, run_training
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -58,11 +59,19 @@ def train(config, base: str, out: Path, **options):
     return run_training(config, TrainOptions(base_model=base, output_dir=out, progress=False, **options))
 
 
+def checkpoint_paths(out: Path) -> list[Path]:
+    """The run's checkpoint folders under `out`, oldest first."""
+    from mlora.train.checkpoint import checkpoints
+
+    with open_run_folder(out) as folder:
+        return [cp.path for cp in checkpoints(folder)]
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of a saved adapter folder."""
     return load_file(str(Path(folder) / "adapter_model.safetensors"))
 
 
 def metrics(out: Path, name: str) -> list[dict]:
-    path = Path(out) / "logs" / f"{name}.jsonl"
+    path = Path(out) / BOOKKEEPING / "logs" / f"{name}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]

@@ -42,7 +42,7 @@ def test_gen_then_launch_run_end_to_end(base_model, tmp_path, capsys):
     assert [r["step"] for r in records] == [1, 2, 3]  # 12 fixture rows, batch 4, one epoch
     assert "12 examples, 0 truncated" in proc.stderr  # truncation count in the log
     assert str(folder) in proc.stdout and "metrics:" in proc.stdout
-    assert not (out / "checkpoints").exists()
+    assert not (out / "_mlora" / "checkpoints").exists()
 
     # train.py runs the same engine: same config, same seed, same weights.
     assert train_main([str(config), "--base_model", base_model, "--output_dir", str(tmp_path / "again"),

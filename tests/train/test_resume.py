@@ -10,8 +10,18 @@ import torch
 
 import mlora.train.trainer as trainer_module
 from mlora.train import TrainError
-from mlora.train.checkpoint import checkpoint_steps, read_run_state, read_trainer_state
-from tests.train.helpers import OTHER_PAIRS, PAIRS, adapter, metrics, run_config, train, weights, write_pairs
+from mlora.train.checkpoint import read_run_state, read_trainer_state
+from tests.train.helpers import (
+    OTHER_PAIRS,
+    PAIRS,
+    adapter,
+    checkpoint_paths,
+    metrics,
+    run_config,
+    train,
+    weights,
+    write_pairs,
+)
 
 
 class Killed(Exception):
@@ -57,7 +67,7 @@ def uninterrupted(base_model, tmp_path):
     cfg = four_adapter_config(tmp_path)
     summary = train(cfg, base_model, tmp_path / "straight")
     assert all(a.status == "finished" for a in summary.adapters.values())
-    assert not (tmp_path / "straight" / "checkpoints").exists()  # removed once everything finished
+    assert not checkpoint_paths(tmp_path / "straight")  # removed once everything finished
     return cfg, tmp_path / "straight"
 
 
@@ -78,9 +88,9 @@ def test_killed_run_resumes_bit_exact(base_model, tmp_path, monkeypatch, uninter
         train(cfg, base_model, out)
     monkeypatch.undo()
 
-    steps = checkpoint_steps(out)
+    steps = checkpoint_paths(out)
     assert steps, "no periodic checkpoint was written before the kill"
-    state = read_run_state(steps[-1][1])
+    state = read_run_state(steps[-1])
     assert state["dispatcher"]["active"]  # something was mid-training
 
     with pytest.raises(TrainError, match="--resume"):
@@ -156,14 +166,19 @@ def test_resume_refuses_a_changed_adapter(base_model, tmp_path, pairs_file):
     assert resumed.adapters["x"].status == "finished" and resumed.adapters["x"].steps == 6
 
 
-def test_cli_ctrl_c_exits_130_and_resume_finishes(base_model, pairs_file, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_cli_stop_signal_checkpoints_and_resume_finishes_bit_exact(signum, status, base_model, pairs_file, tmp_path,
+                                                                   monkeypatch, capsys):
+    """Ctrl-C, and SIGTERM (what Slurm, Kubernetes and systemd send before they kill a job),
+    finish the step, checkpoint, exit 128 + the signal; --resume ends as an uninterrupted run."""
     import json
 
     from mlora.cli import main as launch_main
     from mlora.config import to_dict
 
+    cfg = run_config([adapter("x", pairs_file, num_epochs=3)])
     path = tmp_path / "run.json"
-    path.write_text(json.dumps(to_dict(run_config([adapter("x", pairs_file, num_epochs=3)]))))
+    path.write_text(json.dumps(to_dict(cfg)))
     argv = ["run", "--config", str(path), "--base_model", base_model, "--output_dir", str(tmp_path / "out")]
     real_loss = trainer_module.adapter_loss
     count = {"n": 0}
@@ -171,13 +186,28 @@ def test_cli_ctrl_c_exits_130_and_resume_finishes(base_model, pairs_file, tmp_pa
     def interrupting_loss(ar, *args):
         count["n"] += 1
         if count["n"] == 3:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return real_loss(ar, *args)
 
+    previous = signal.getsignal(signum)
     monkeypatch.setattr(trainer_module, "adapter_loss", interrupting_loss)
-    assert launch_main(argv) == 130
-    assert "--resume" in capsys.readouterr().out
+    assert launch_main(argv) == status
+    printed = capsys.readouterr()
+    assert "--resume" in printed.out and signal.Signals(signum).name in printed.err
+    assert checkpoint_paths(tmp_path / "out")
     monkeypatch.undo()
+    assert signal.getsignal(signum) is previous  # the handler was put back
     assert launch_main([*argv, "--resume"]) == 0
-    assert (tmp_path / "out" / "x" / "adapter_model.safetensors").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    train(cfg, base_model, tmp_path / "straight")
+    got = weights(tmp_path / "out" / "x")
+    assert all(torch.equal(got[k], v) for k, v in weights(tmp_path / "straight" / "x").items())
+
+
+def test_summary_names_optimizer_steps_and_shared_steps(base_model, pairs_file, other_pairs_file, tmp_path):
+    cfg = run_config([adapter("a", pairs_file, num_epochs=1), adapter("b", other_pairs_file, num_epochs=1)],
+                     train_lora_simultaneously_num=1)
+    summary = train(cfg, base_model, tmp_path / "out")
+    lines = summary.lines()
+    assert any(line.startswith("a: finished, 2 optimizer steps") for line in lines)
+    assert any(line.startswith(f"{summary.global_steps} shared forward/backward steps") for line in lines)
+    assert summary.global_steps == 8  # 2 adapters x 2 optimizer steps x 2 micro-batches, one adapter a step

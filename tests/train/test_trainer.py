@@ -264,7 +264,7 @@ def test_quantized_bases_train(base_model, pairs_file, tmp_path, quantize):
 def test_tensorboard_event_files_when_installed(base_model, pairs_file, tmp_path):
     pytest.importorskip("tensorboard")
     train(run_config([adapter("tb", pairs_file, num_epochs=1)]), base_model, tmp_path / "out")
-    assert list((tmp_path / "out" / "tensorboard" / "tb").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "out" / "_mlora" / "tensorboard" / "tb").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.gpu
