@@ -5,6 +5,7 @@ record every part, finite figures and a verdict for every target, so that the fi
 lent GPU is not also the script's first run. Figures are checked for shape, never for speed.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -48,7 +49,9 @@ def test_dry_run_writes_every_part_figure_and_verdict(tmp_path):
     assert report["matmul_peak_gflops"]["bf16"] > 0
 
     tests = report["tests"]
-    assert tests["triton"]["status"] == "ok" and tests["triton"]["passed"] > 0 and tests["triton"]["triton_interpret"]
+    assert tests["triton"]["status"] == "ok" and tests["triton"]["triton_interpret"]
+    if importlib.util.find_spec("triton") is not None:  # the test extra has it on Linux x86_64, Python 3.11+
+        assert tests["triton"]["passed"] > 0
     assert tests["gpu"]["status"] == "ok" and tests["gpu"]["skipped"] > 0 and tests["gpu"]["failed"] == 0
 
     targets = report["targets"]
