@@ -327,6 +327,24 @@ def test_shared_rows_equal_an_unpadded_loop_on_other_models(arch, overrides):
             assert got == pytest.approx(want, abs=1e-5, rel=2e-6)
 
 
+def test_a_windowed_model_runs_shared_rows_apart_from_long_plain_rows(tmp_path):
+    # Window 10: the short items share rows, the long ones cannot, and the switch-routed adapter
+    # has plain rows only. Its long rows, scheduled beside the base's shared rows, must still get
+    # the model's windowed mask: the same scores as when it is scored alone.
+    short, long = "which is hot ?", "which of the cat dog tree moon sky water fire is the hot one ?"
+    data = write_arc(tmp_path / "arc", [(short, ["fire", "water", "sky"], 0)] * 2 + [(long, ["fire", "dog"], 0)] * 2)
+    model = MultiAdapterModel(tiny_model("mistral", vocab=VOCAB, seed=6, sliding_window=10))
+    switch = MixLoraConfig(name="sw", task_name="arc-e", data=str(data), num_experts=2, r=4, lora_dropout=0.0,
+                           routing_strategy="mixlora-switch", protocol="loglikelihood", evaluate_batch_size=4)
+    model.add_adapter(switch, seed=0)
+    _, queues = _prepare(model, TOKENIZER, [adapter_spec(switch), base_spec([switch])], "eval", None, 256, True)
+    assert [bool(batch[0].blocks) for batch in queues[1]] == [True, False]  # the base: shared rows first
+    together = evaluate(model, TOKENIZER, [adapter_spec(switch), base_spec([switch])], simultaneous=2)
+    alone = evaluate(model, TOKENIZER, [adapter_spec(switch)], share_context=False)
+    for got, want in zip(together.result("sw", "arc-e").scores, alone.result("sw", "arc-e").scores):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
 def test_letters_of_several_tokens_are_scored_as_sequences():
     # A small BPE writes some letters after "Answer:" as two tokens ("▁", "D"): those items are
     # scored by each letter's log-likelihood, restricted to the item's letters by a log-softmax;

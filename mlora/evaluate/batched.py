@@ -234,15 +234,29 @@ def _share_within(model, spec: EvalSpec, max_length: int | None) -> int | None:
         return None
     if getattr(model.configs.get(spec.adapter), "routing_strategy", None) == "mixlora-switch":
         return None
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    return min((n for n in (max_length, window) if n is not None), default=NO_LIMIT)
+    return min((n for n in (max_length, _sliding_window(model)) if n is not None), default=NO_LIMIT)
+
+
+def _sliding_window(model) -> int | None:
+    config = getattr(model.model, "config", None)
+    return getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+
+
+def _forwards_of(group: list[tuple[EvalSpec, list[Row]]], windowed: bool) -> list[list[tuple[EvalSpec, list[Row]]]]:
+    """The batches of one scheduled forward, as one forward; as two on a sliding-window model when
+    they mix shared and plain rows: the 4-D mask of shared rows leaves the window out, which a
+    plain row longer than the window needs (each batch holds one kind, see `_batches`)."""
+    if not windowed:
+        return [group]
+    parts = [[g for g in group if bool(g[1][0].blocks) == shared] for shared in (False, True)]
+    return [part for part in parts if part]
 
 
 def _batches(rows: list[Row], size: int) -> list[list[Row]]:
     # Longest first: neighbours in a batch have similar lengths, and memory peaks early. Shared
-    # rows batch apart from plain ones, so plain rows keep the model's own (windowed) mask.
+    # rows (usually the longer ones) batch apart from plain ones (see `_forwards_of`).
     out = []
-    for shared in (False, True):
+    for shared in (True, False):
         kind = sorted((r for r in rows if bool(r.blocks) == shared), key=lambda r: -len(r.ids))
         out += [kind[i:i + size] for i in range(0, len(kind), size)]
     return out
@@ -321,15 +335,16 @@ def evaluate(model, tokenizer, specs: Sequence[EvalSpec], *, simultaneous: int =
     model.eval()  # no dropout, no router jitter; restored for a caller that is training
     try:
         with torch.no_grad():
+            windowed = _sliding_window(model) is not None
             for forward in forwards:
-                group = [(specs[i], rows) for i, rows in forward]
-                for row, read, scores in _run_batch(model, group, pad_id, padding_side, device, not share_context):
-                    if row.kind == "labels":
-                        results[row.owner].scores[row.item] = scores
-                    else:
-                        results[row.owner].scores[row.item][read.choice] = scores[0]
-                        if results[row.owner].protocol == "choice":
-                            letter_sequences.add((row.owner, row.item))
+                for group in _forwards_of([(specs[i], rows) for i, rows in forward], windowed):
+                    for row, read, scores in _run_batch(model, group, pad_id, padding_side, device, not share_context):
+                        if row.kind == "labels":
+                            results[row.owner].scores[row.item] = scores
+                        else:
+                            results[row.owner].scores[row.item][read.choice] = scores[0]
+                            if results[row.owner].protocol == "choice":
+                                letter_sequences.add((row.owner, row.item))
                 if bar is not None:
                     bar.update(1)
     finally:
