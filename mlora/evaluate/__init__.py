@@ -1,9 +1,10 @@
 """Scoring adapters on the benchmarks (DESIGN.md section 6).
 
 Two protocols (`mlora.evaluate.protocols`): ``choice``, the MixLoRA paper's (the item's own
-answer letters compete at the answer position), and ``loglikelihood``, lm-evaluation-harness
-style (summed log-probability of each choice's continuation; ``acc`` and ``acc_norm``).
-Many adapters, and the bare base model, are scored in shared batched forwards
+answer letters compete at the answer position), and ``loglikelihood``, lm-evaluation-harness's
+(summed log-probability of each choice's continuation, with lm-eval's strings, choice order and
+metrics: ``acc``, and ``acc_norm`` where lm-eval reports it). Many adapters, and the bare base
+model, are scored in shared batched forwards where an item's choices share their context
 (`mlora.evaluate.batched`); results come as a table and as JSON / CSV files
 (`mlora.evaluate.results`); `mlora.evaluate.run` scores the saved adapters of a run.
 
