@@ -514,7 +514,6 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_gflops": {}, "results": {},
         "tests": {name: {"status": "not run"} for name in ("triton", "gpu")},
     }
-    signal.signal(signal.SIGTERM, _interrupted)
     print(f"GPU check{' (dry run)' if mode.dry else ''}: budget {args.budget:.0f} s, writing to {out}", flush=True)
     status = 0
     no_cuda = False
@@ -555,4 +554,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The process entry point owns the signal handlers (main() is also called from tests).
+    signal.signal(signal.SIGTERM, _interrupted)
     sys.exit(main())
