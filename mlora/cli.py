@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Literal, Optional, Sequence, get_args, get_origin, get_type_hints
 
 from mlora.config import (
-    CASUAL_TASK,
     ConfigError,
     LoraConfig,
     MixLoraConfig,
     RunConfig,
-    config_from_dict,
     load_config,
     to_dict,
 )
@@ -38,9 +34,7 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_TRAIN_FAILED = 1
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_CONFIG = "mlora.json"
-_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
 
 class UsageError(MloraError):
@@ -60,74 +54,6 @@ def _bool(text: str) -> bool:
 
 def _split(text: Optional[str]) -> list[str]:
     return [] if text is None else [part.strip() for part in text.split(";")]
-
-
-def _benchmarks() -> tuple[str, ...]:
-    from mlora.data import BENCHMARK_TASKS
-
-    return tuple(BENCHMARK_TASKS)
-
-
-def template_names() -> list[str]:
-    """Names of the templates shipped in templates/ (file names without .json)."""
-    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.json"))
-
-
-def _suggest(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"did you mean {close[0]}? " if close else ""
-
-
-def _read_template(name: str) -> dict:
-    """The template's JSON: a shipped template by name, or a run-config file given by path."""
-    path = TEMPLATE_DIR / f"{name}.json"
-    if not path.is_file():
-        if name.endswith(".json") and Path(name).is_file():
-            path = Path(name)
-        elif not TEMPLATE_DIR.is_dir():
-            raise UsageError(f"no templates folder at {TEMPLATE_DIR}; install mlora from a checkout with `pip install -e .`")
-        else:
-            names = template_names()
-            raise UsageError(
-                f"unknown template {name!r}; {_suggest(name, names)}valid templates: {', '.join(names)} "
-                "(or a path to a run-config .json file)"
-            )
-    # Validating the template first pins a broken template on the template, not on the output.
-    return to_dict(load_config(path))
-
-
-def _adapter_stem(label: str) -> str:
-    """A folder-safe adapter name stem: 'arc-c' -> 'arc_c', 'yahma/alpaca-cleaned' -> 'alpaca_cleaned'."""
-    stem = re.split(r"[/\\:]", label.rstrip("/\\"))[-1]
-    for suffix in _DATA_SUFFIXES:
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-    stem = re.sub(r"[^A-Za-z0-9_]", "_", stem).strip("_")
-    return stem or CASUAL_TASK
-
-
-def _resolve_task(task: str, data_path: Optional[str]) -> tuple[str, Optional[str], str]:
-    """One --tasks entry -> (task_name, data, name stem).
-
-    A benchmark keeps its name; anything that names a data set (a hub id 'owner/name', an
-    'id:subset', a local file or folder, or a name given a --data_path) becomes instruction data
-    ('casual') read from that source.
-    """
-    benchmarks = _benchmarks()
-    if task in benchmarks:
-        return task, data_path, _adapter_stem(task)
-    if task == CASUAL_TASK:
-        if data_path is None:
-            raise UsageError("task 'casual' needs --data_path (a hub id or a local json/jsonl/parquet file)")
-        return CASUAL_TASK, data_path, _adapter_stem(data_path)
-    if data_path is not None:
-        return CASUAL_TASK, data_path, _adapter_stem(task)
-    if "/" in task or ":" in task or task.endswith(_DATA_SUFFIXES) or os.path.exists(task):
-        return CASUAL_TASK, task, _adapter_stem(task)
-    raise UsageError(
-        f"unknown task {task!r}; {_suggest(task, benchmarks)}valid tasks: {', '.join(benchmarks)}; "
-        "for instruction data give a hub id (owner/name), a local file, or --data_path"
-    )
 
 
 def _print_config_error(err: ConfigError, what: str = "in the config") -> None:
@@ -177,56 +103,32 @@ _RUN_OVERRIDES = [("--cutoff_len", "cutoff_len", int), ("--save_step", "save_ste
 
 def cmd_gen(args: argparse.Namespace) -> int:
     """Write a fully resolved run config from a template and a list of tasks."""
+    from mlora.gen import generate_config
+
     if args.append and args.overwrite:
         raise UsageError("give --append or --overwrite, not both")
-    template = _read_template(args.template)
-    tasks = _split(args.tasks)
-    if not tasks or any(not t for t in tasks):
-        raise UsageError(f"--tasks {args.tasks!r} has an empty task name; separate task names with ';'")
-    paths: list[Optional[str]] = [p or None for p in _split(args.data_path)] or [None] * len(tasks)
-    if len(paths) != len(tasks):
-        raise UsageError(f"--data_path gives {len(paths)} path(s) for {len(tasks)} task(s); give one per task, joined by ';'")
-    resolved = [_resolve_task(t, p) for t, p in zip(tasks, paths)]
-
     out = Path(args.file_name)
     if out.is_dir():
         raise UsageError(f"--file_name {out} is a folder; give the path of a .json file to write")
     if not out.parent.is_dir():
         raise UsageError(f"--file_name {out}: folder {out.parent} does not exist; create it first or choose "
                          "another path")
-    run_level = {k: v for k, v in template.items() if k != "lora"}
-    adapters: list[dict] = []
-    if out.exists() and args.append:
-        existing = to_dict(load_config(out))
-        run_level = {k: v for k, v in existing.items() if k != "lora"}
-        adapters = existing["lora"]
-    elif out.exists() and not args.overwrite:
+    if out.exists() and not (args.append or args.overwrite):
         raise UsageError(f"{out} already exists; pass --overwrite to replace it or --append to add adapters to it")
-    elif args.append:
+    if args.append and not out.exists():
         raise UsageError(f"cannot append: {out} does not exist; drop --append to create it")
-    for flag, key, _ in _RUN_OVERRIDES:
-        if getattr(args, key) is not None:
-            run_level[key] = getattr(args, key)
-
-    groups = [resolved] if args.multi_task else [[r] for r in resolved]
-    for template_adapter in template["lora"]:
-        for group in groups:
-            a = dict(template_adapter)
-            a["task_name"] = ";".join(task for task, _, _ in group)
-            sources = [data for _, data, _ in group]
-            a["data"] = None if all(s is None for s in sources) else ";".join(s or "" for s in sources)
-            stem = args.adapter_name or ("multi_task" if args.multi_task else group[0][2])
-            a["name"] = f"{stem}_{len(adapters)}"
-            if any(task == CASUAL_TASK for task, _, _ in group):
-                a["prompt"] = "alpaca"
-            for _, key, _, _ in _ADAPTER_OVERRIDES:
-                if getattr(args, key) is not None:
-                    a[key] = getattr(args, key)
-            adapters.append(a)
-
+    base = load_config(out) if args.append else None
+    adapter_overrides = {key: getattr(args, key) for _, key, _, _ in _ADAPTER_OVERRIDES
+                         if getattr(args, key) is not None}
+    run_overrides = {key: getattr(args, key) for _, key, _ in _RUN_OVERRIDES if getattr(args, key) is not None}
     try:
-        cfg = config_from_dict({**run_level, "lora": adapters}, source=str(out))
+        cfg = generate_config(args.template, _split(args.tasks), data_paths=_split(args.data_path) or None,
+                              multi_task=args.multi_task, adapter_name=args.adapter_name,
+                              adapter_overrides=adapter_overrides, run_overrides=run_overrides, base=base,
+                              source=str(out))
     except ConfigError as err:
+        if err.source != str(out):
+            raise  # the template or the file appended to: reported as that file's problems
         _print_config_error(err, "in the config gen would write (nothing was written)")
         return EXIT_BAD_INPUT
     atomic_write_text(out, json.dumps(to_dict(cfg), indent=4) + "\n")  # never a half-written config
@@ -238,12 +140,13 @@ def cmd_gen(args: argparse.Namespace) -> int:
 
 def cmd_avail(args: argparse.Namespace) -> int:
     """List the templates (with what each trains) and the task names gen accepts."""
+    from mlora.gen import benchmark_tasks, read_template, template_names
+
     print("templates (python launch.py gen --template NAME):")
     for name in template_names():
-        cfg = load_config(TEMPLATE_DIR / f"{name}.json")
-        print(f"  {name:<16} {'; '.join(_describe_adapter(a) for a in cfg.lora)}")
+        print(f"  {name:<16} {'; '.join(_describe_adapter(a) for a in read_template(name).lora)}")
     print("tasks (--tasks 'a;b;c'):")
-    for task in _benchmarks():
+    for task in benchmark_tasks():
         print(f"  {task}")
     print("  any other name of a data set (owner/name hub id, local json/jsonl/parquet file, or a name")
     print("  given --data_path) trains on instruction data ('casual' task, alpaca prompt)")
@@ -292,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for line in summary.lines():
             print(line)
         if summary.interrupted:
-            return interrupted_status(summary.signal)
+            return summary.stop_status()
         failed = [a.name for a in summary.adapters.values() if a.status == "failed"]
         status = EXIT_TRAIN_FAILED if failed else EXIT_OK
         try:
@@ -302,13 +205,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "fixed, score them with `python launch.py evaluate`)", file=sys.stderr)  # fmt: skip
             return status or EXIT_BAD_INPUT
     return status
-
-
-def interrupted_status(signum: Optional[int]) -> int:
-    """128 + the signal that stopped a run (130 for Ctrl-C, 143 for SIGTERM), as shells report it."""
-    import signal
-
-    return 128 + int(signum if signum is not None else signal.SIGINT)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -19,16 +19,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mlora.errors import MloraError
+from mlora.errors import AdapterFileError
+from mlora.model.mixlora_io import (
+    mixlora_config_from_json,
+    mixlora_config_json,
+    mixlora_state_dict,
+    mixlora_to_internal,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-
-
-class AdapterFileError(MloraError, ValueError):
-    """An adapter folder is missing, incomplete or does not match the model; says which file."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -114,8 +116,6 @@ def read_adapter_config(folder, name: str | None = None):
         if peft_type == "LORA":
             cfg = _peft_lora_config(data, name, where)
         elif peft_type == "MIXLORA":
-            from mlora.model.mixlora_io import mixlora_config_from_json
-
             cfg = mixlora_config_from_json(data, name, where)
         else:
             raise AdapterFileError(f"{where}: peft_type {data.get('peft_type')!r} is not supported "
@@ -154,8 +154,6 @@ def save_adapter(model, name: str, folder, base_model_name_or_path: str | None =
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if getattr(cfg, "is_moe", False):
-        from mlora.model.mixlora_io import mixlora_config_json, mixlora_state_dict
-
         hf = model.model.config
         act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None) or "silu"
         config, state = mixlora_config_json(cfg, base_model_name_or_path, act), mixlora_state_dict(model, name)
@@ -182,8 +180,6 @@ def load_adapter(model, folder, cfg=None, name: str | None = None):
     model.add_adapter(cfg)
     try:
         if getattr(cfg, "is_moe", False):
-            from mlora.model.mixlora_io import mixlora_to_internal
-
             internal = mixlora_to_internal(tensors, model.adapter_parameters(cfg.name), folder)
         else:
             internal = {}

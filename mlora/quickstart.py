@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import resource
 import time
@@ -23,24 +21,20 @@ from pathlib import Path
 # lr 1e-3 took the items from 24% (base) to 56% (LoRA) and 79% (MixLoRA); a second epoch is
 # what it takes for both to near 100%, still well inside the five-minute budget on 2 cores.
 QUICKSTART_TASKS = "arc-e;obqa"
-TRAINING = ["--r", "8", "--lora_alpha", "16", "--lr", "1e-3", "--batch_size", "8", "--micro_batch_size", "8",
-            "--num_epochs", "2", "--evaluate_batch_size", "16", "--protocol", "loglikelihood", "--cutoff_len", "256"]
+TRAINING = {"r": 8, "lora_alpha": 16, "lr": 1e-3, "batch_size": 8, "micro_batch_size": 8, "num_epochs": 2,
+            "evaluate_batch_size": 16, "protocol": "loglikelihood"}
 
 
-def generate_config(out: Path, data: dict[str, Path]) -> Path:
-    """Write ``out/quickstart.json`` with ``launch.py gen``: a LoRA and a MixLoRA adapter."""
-    from mlora.cli import main as cli_main
+def quickstart_config(data: dict[str, Path]):
+    """The run config: a LoRA and a MixLoRA adapter from the templates, both on the sample tasks
+    (what ``launch.py gen`` would write with the `TRAINING` overrides)."""
+    from mlora.gen import generate_config
 
-    path = out / "quickstart.json"
-    data_path = ";".join(str(data[t]) for t in QUICKSTART_TASKS.split(";"))
-    common = ["--tasks", QUICKSTART_TASKS, "--multi_task", "True", "--data_path", data_path,
-              "--file_name", str(path), *TRAINING]
-    for template, extra in (("lora", ["--overwrite"]), ("mixlora", ["--append"])):
-        with contextlib.redirect_stdout(io.StringIO()):  # gen's "next: launch.py run ..." hint does not apply
-            status = cli_main(["gen", "--template", template, "--adapter_name", template, *common, *extra])
-        if status != 0:
-            raise RuntimeError(f"generating the quickstart config from template {template!r} failed")
-    return path
+    tasks = QUICKSTART_TASKS.split(";")
+    common = dict(data_paths=[str(data[t]) for t in tasks], multi_task=True, adapter_overrides=TRAINING,
+                  run_overrides={"cutoff_len": 256})
+    cfg = generate_config("lora", tasks, adapter_name="lora", **common)
+    return generate_config("mixlora", tasks, adapter_name="mixlora", base=cfg, **common)
 
 
 def training_speed(log: Path) -> tuple[int, float]:
@@ -96,8 +90,7 @@ def run_quickstart(args) -> int:
 
 
 def _quickstart(args, folder, start: float) -> int:
-    from mlora.cli import interrupted_status
-    from mlora.config import load_config
+    from mlora.config import to_dict
     from mlora.data.samples import write_sample_data
     from mlora.evaluate import evaluate_run
     from mlora.model.gguf import fetch_smollm2
@@ -110,9 +103,8 @@ def _quickstart(args, folder, start: float) -> int:
         base = str(fetch_smollm2())
     data = write_sample_data(out / "data", write_text=folder.write_text)
     print(f"sample data: {', '.join(f'{t} -> {p}' for t, p in data.items())}")
-    folder.check_replaceable(out / "quickstart.json")
-    config_path = folder.created(generate_config(out, data))
-    cfg = load_config(config_path)
+    cfg = quickstart_config(data)
+    config_path = folder.write_text(out / "quickstart.json", json.dumps(to_dict(cfg), indent=4) + "\n")
     print(f"run config: {config_path} ({', '.join(a.name for a in cfg.lora)})")
     options = TrainOptions(base_model=base, output_dir=out, dtype=args.dtype, device=args.device, seed=args.seed,
                            overwrite=True, progress=not args.no_progress)
@@ -120,7 +112,7 @@ def _quickstart(args, folder, start: float) -> int:
     for line in summary.lines():
         print(line)
     if summary.interrupted:
-        return interrupted_status(summary.signal)
+        return summary.stop_status()
     print("scoring the base model and both adapters (shared batches over one base)...")
     results = evaluate_run(summary.model, summary.tokenizer, cfg, out, base,
                            adapters=["base", *[a.name for a in cfg.lora]], progress=not args.no_progress,

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from mlora.errors import AdapterFileError
+
 PREFIX = "mixlora."
 # m-LoRA 0.3.x called the Llama FFN projections w1 (gate), w2 (down), w3 (up).
 _LEGACY_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -75,8 +77,6 @@ def mixlora_to_internal(tensors: dict, params: dict, folder: Path) -> dict[str, 
         AdapterFileError: naming the file keys the model expects and the file lacks (only
             those: the other experts of a stacked tensor are not "unexpected").
     """
-    from mlora.io import AdapterFileError
-
     tensors = {_modernise(k): v for k, v in tensors.items()}
     used, internal, missing = set(), {}, []
     for key, param in params.items():
@@ -135,8 +135,6 @@ def mixlora_config_json(cfg, base_model_name_or_path: str | None, default_act_fn
 def mixlora_config_from_json(data: dict, name: str, where: Path):
     """Our `MixLoraConfig` from a MixLoRA ``adapter_config.json`` (ours, the package's, MoE-PEFT's)."""
     from mlora.config import _ROUTING_ALIASES, _STRATEGY_KEYS, ConfigError, MixLoraConfig, adapter_from_dict
-    from mlora.io import AdapterFileError
-
     fields = set(MixLoraConfig.__dataclass_fields__)
     strategy = data.get("routing_strategy", "mixlora")
     strategy = _ROUTING_ALIASES.get(strategy, strategy)

@@ -16,6 +16,10 @@ run rebuild exactly the same batches (and so end with bit-identical weights). Ea
 into a temporary folder and renamed into place, and its manifest is written last: a folder
 whose files do not match its manifest (truncated, edited, missing, or no manifest at all) is
 damaged, and `--resume` falls back to the newest intact one (`KEEP_CHECKPOINTS` are kept).
+
+Resuming lives here, in one place: `plan_resume` checks the output folder against the flags and
+reads what an earlier run left (the newest intact checkpoint, the adapters it finished or
+stopped), and `restore_adapter` puts one adapter back as the checkpoint holds it.
 """
 
 from __future__ import annotations
@@ -23,14 +27,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mlora.io import save_adapter
 from mlora.run_folder import RunFolder
 from mlora.train.data import TrainError
+
+if TYPE_CHECKING:
+    from mlora.config import LoraConfig, RunConfig
+    from mlora.model.adapted import MultiAdapterModel
+    from mlora.train.setup import TrainOptions
 
 logger = logging.getLogger("mlora.train")
 
@@ -200,3 +210,92 @@ def read_training_info(folder: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         return {}
+
+
+# ====================================================================== resuming a run
+@dataclass
+class Resume:
+    """What a run starts from: nothing (a fresh run), or what an earlier run left in the folder.
+
+    Attributes:
+        checkpoint: the newest intact checkpoint, or None (nothing to restore).
+        seed: the run seed (the checkpoint's wins over ``--seed``).
+        run_id: the run's id (a new one for a fresh run).
+        restore: adapters active in the checkpoint; they continue mid-training.
+        finished: adapters saved by the earlier run; not trained again.
+        failed: adapters the earlier run stopped (name -> why); not trained again.
+        positions: each restored adapter's data position (for the progress bar).
+        dispatcher: the checkpoint's dispatcher state (None for a fresh run).
+    """
+
+    checkpoint: Path | None
+    seed: int
+    run_id: str
+    restore: set[str] = field(default_factory=set)
+    finished: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)
+    positions: dict[str, dict] = field(default_factory=dict)
+    dispatcher: dict | None = None
+
+    def todo(self, config: RunConfig) -> list[LoraConfig]:
+        """The adapters of `config` this run trains (restored ones included), in config order."""
+        return [a for a in config.lora if a.name not in self.finished and a.name not in self.failed]
+
+
+def plan_resume(config: RunConfig, options: TrainOptions, folder: RunFolder, run_id: str) -> Resume:
+    """Check the output folder against the flags, then read what a ``--resume`` continues from.
+
+    Raises:
+        FolderError: a path the run would write (an adapter's folder, log or TensorBoard
+            events) exists and was not written by mlora: it is never replaced, whatever the flags.
+        TrainError: finished adapters or an unfinished run would be replaced without
+            ``--overwrite``; ``--resume`` finds only damaged checkpoints, or a checkpoint that
+            trains adapters the config no longer lists.
+    """
+    if options.resume and options.overwrite:
+        raise TrainError("give --resume (continue the run in --output_dir) or --overwrite (start over), not both")
+    outputs = [path for a in config.lora for path in folder.outputs_of(a.name)]
+    for path in outputs:
+        folder.check_replaceable(path)
+    if options.overwrite:
+        return Resume(None, options.seed, run_id)
+    if not options.resume:
+        found = checkpoints(folder)
+        if found:
+            raise TrainError(f"{folder.root} holds a checkpoint of an unfinished run ({found[-1].path}); pass "
+                             "--resume to continue it, --overwrite to start over, or choose another --output_dir")
+        taken = [str(path) for path in outputs if path.exists()]
+        if taken:
+            raise TrainError(f"{folder.root} already holds {', '.join(taken)} from an earlier run; pass --overwrite "
+                             "to replace them, --resume to train only the adapters not finished yet, or choose "
+                             "another --output_dir")
+        return Resume(None, options.seed, run_id)
+
+    saved = {a.name for a in config.lora if is_finished_adapter(folder, a.name)}
+    checkpoint = latest_intact(folder)
+    if checkpoint is None:
+        logger.info("no checkpoint in %s: training what is not finished from the beginning", folder.root)
+        return Resume(None, options.seed, run_id, finished=saved)
+    state = read_run_state(checkpoint)
+    if state["seed"] != options.seed:
+        logger.warning("resuming with the run's seed %d (--seed %d ignored)", state["seed"], options.seed)
+    if state["base_model"] != options.base_model:
+        logger.warning("the run was started on base model %s; resuming on %s", state["base_model"], options.base_model)
+    restore = set(state["dispatcher"]["active"])
+    missing = sorted(restore - {a.name for a in config.lora})
+    if missing:
+        raise TrainError(f"the checkpoint {checkpoint} trains adapter(s) {', '.join(missing)} that the config no "
+                         "longer lists; resume with the config the run was started with")
+    logger.info("resuming from %s (global step %d)", checkpoint, state["dispatcher"]["step"])
+    return Resume(checkpoint, state["seed"], state["run_id"], restore, (saved | set(state["finished"])) - restore,
+                  dict(state["failed"]), state["positions"], state["dispatcher"])
+
+
+def restore_adapter(model: MultiAdapterModel, resume: Resume, cfg: LoraConfig) -> dict:
+    """Load adapter `cfg.name` from the checkpoint into `model`; returns its trainer state
+    (for `AdapterRun.load_state_dict`)."""
+    from mlora.io import load_adapter
+
+    state = read_trainer_state(resume.checkpoint, cfg.name)
+    load_adapter(model, resume.checkpoint / cfg.name, cfg)
+    return state

@@ -1,7 +1,8 @@
-"""Setting a run up: the run flags, checks of the output folder, device and dtype, adapters.
+"""Setting a run up: the run flags, device and dtype, checks of the adapters and the data.
 
-Everything here runs before the first training step, so that a bad flag, an output folder
-that would be overwritten, or a target module the model lacks fails fast with a message.
+Everything here runs before the first training step, so that a bad flag, a missing
+evaluation split or a target module the model lacks fails fast with a message. (What the
+output folder allows, and resuming, live in `mlora.train.checkpoint`.)
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import torch
 
 from mlora.model.adapted import MultiAdapterModel
 from mlora.model.loading import resolve_dtype
-from mlora.run_folder import RunFolder
-from mlora.train import checkpoint as ckpt
 from mlora.train.data import Prepared, TrainError, adapter_seed
 
 logger = logging.getLogger("mlora.train")
@@ -62,36 +61,6 @@ class TrainOptions:
         """From an argparse namespace carrying the run flags (unknown attributes ignored)."""
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
-
-
-def plan_output(config, options: TrainOptions, folder: RunFolder) -> Path | None:
-    """Check the output folder against the flags; returns the checkpoint to resume from (or None).
-
-    Raises:
-        FolderError: a path the run would write (an adapter's folder, log or TensorBoard
-            events) exists and was not written by mlora: it is never replaced, whatever the flags.
-        TrainError: finished adapters or an unfinished run would be replaced without
-            ``--overwrite``, or ``--resume`` finds only damaged checkpoints.
-    """
-    if options.resume and options.overwrite:
-        raise TrainError("give --resume (continue the run in --output_dir) or --overwrite (start over), not both")
-    outputs = [path for a in config.lora for path in folder.outputs_of(a.name)]
-    for path in outputs:
-        folder.check_replaceable(path)
-    if options.resume:
-        return ckpt.latest_intact(folder)
-    if options.overwrite:
-        return None
-    found = ckpt.checkpoints(folder)
-    if found:
-        raise TrainError(f"{folder.root} holds a checkpoint of an unfinished run ({found[-1].path}); pass --resume "
-                         "to continue it, --overwrite to start over, or choose another --output_dir")
-    taken = [str(path) for path in outputs if path.exists()]
-    if taken:
-        raise TrainError(f"{folder.root} already holds {', '.join(taken)} from an earlier run; pass --overwrite to "
-                         "replace them, --resume to train only the adapters not finished yet, or choose another "
-                         "--output_dir")
-    return None
 
 
 def resolve_device_dtype(options: TrainOptions) -> tuple[torch.device, torch.dtype]:

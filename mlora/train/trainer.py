@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
+from mlora.config import LoraConfig, RunConfig
 from mlora.data import IGNORE_INDEX
-from mlora.io import load_adapter
 from mlora.kernels.cross_entropy import token_cross_entropy
 from mlora.model.adapted import MultiAdapterModel
 from mlora.model.loading import load_base_model
@@ -50,7 +50,6 @@ from mlora.train.data import (
     AdapterData,
     Position,
     Prepared,
-    TrainError,
     adapter_seed,
     collate_mixed,
     micro_batches_per_epoch,
@@ -67,7 +66,6 @@ from mlora.train.setup import (
     check_eval_data,
     hub_offline_unless_reachable,
     log_prepared,
-    plan_output,
     resolve_device_dtype,
 )
 from mlora.train.state import AdapterRun
@@ -117,6 +115,11 @@ class TrainSummary:
     model: MultiAdapterModel | None = field(default=None, repr=False)
     tokenizer: object = field(default=None, repr=False)
 
+    def stop_status(self) -> int:
+        """The exit status of a run stopped early: 128 + the signal, as shells report it (130
+        for Ctrl-C, 143 for SIGTERM; 130 when stopped otherwise, e.g. ``stop_after_steps``)."""
+        return 128 + int(self.signal if self.signal is not None else signal.SIGINT)
+
     def lines(self) -> list[str]:
         """A human-readable account, one line per item."""
         out = []
@@ -138,28 +141,40 @@ class TrainSummary:
 
 @dataclass
 class Run:
-    """Everything `fit` works on: the model, the config, and the state of every adapter."""
+    """Everything `fit` works on: the model, the config, and the state of every adapter.
 
-    config: object
+    `resume` says what the run started from; its ``restore`` set shrinks as each restored
+    adapter is put back (`activate`).
+    """
+
+    config: RunConfig
     options: TrainOptions
     folder: RunFolder
+    resume: ckpt.Resume
     model: MultiAdapterModel
+    tokenizer: object
     device: torch.device
     fp16: bool
-    pad_id: int
-    seed: int
-    run_id: str
     prepared: dict[str, Prepared]
     dispatcher: Dispatcher
-    restore_from: Path | None
-    restore_names: set[str]
     active: dict[str, AdapterRun] = field(default_factory=dict)
     finished: dict[str, AdapterSummary] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     last_checkpoint: Path | None = None
-    tokenizer: object = None
     no_scoring: set[str] = field(default_factory=set)  # adapters whose evaluation failed
     stop_signal: int | None = None
+
+    @property
+    def seed(self) -> int:
+        return self.resume.seed
+
+    @property
+    def run_id(self) -> str:
+        return self.resume.run_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
     def cfg(self, name: str):
         return next(a for a in self.config.lora if a.name == name)
@@ -365,10 +380,9 @@ def activate(run: Run, name: str) -> AdapterRun:
     """Add adapter `name` to the model and build its training state (fresh or from the checkpoint)."""
     cfg = run.cfg(name)
     seed = adapter_seed(run.seed, name)
-    restoring = name in run.restore_names
-    state = ckpt.read_trainer_state(run.restore_from, name) if restoring else None
+    restoring = name in run.resume.restore
     if restoring:
-        load_adapter(run.model, run.restore_from / name, cfg)
+        state = ckpt.restore_adapter(run.model, run.resume, cfg)
     else:
         run.model.add_adapter(cfg, seed=seed)
     # A resumed adapter keeps its log up to the checkpoint; a fresh one starts a new log.
@@ -380,7 +394,7 @@ def activate(run: Run, name: str) -> AdapterRun:
     ar = AdapterRun.create(cfg, seed, run.prepared[name], run.model.adapter_parameters(name), run.fp16, metrics)
     if restoring:
         ar.load_state_dict(state)
-        run.restore_names.discard(name)
+        run.resume.restore.discard(name)
     logger.info("%s: training %d examples, %d optimizer steps (%s)%s", name, len(ar.data.examples),
                 ar.data.total_steps, cfg.task_name, f", resumed at step {ar.step}" if restoring else "")
     return ar
@@ -459,13 +473,15 @@ def _interrupt_guard():
             signal.signal(sig, old)
 
 
-def run_training(config, options: TrainOptions, folder: RunFolder | None = None) -> TrainSummary:
+def run_training(config: RunConfig, options: TrainOptions, folder: RunFolder | None = None) -> TrainSummary:
     """Train every adapter of a `RunConfig`, save each to ``output_dir/<name>/``.
 
-    Problems found before training (outputs in the way, missing or empty data or evaluation
-    splits, a base model that cannot be loaded, a target module the model lacks) raise an
-    `MloraError` (`TrainError`, `FolderError`, `DataError`, `ModelLoadError`, `AdapterError`)
-    before any step runs.
+    The recipe: plan (what the output folder and ``--resume`` / ``--overwrite`` allow), data,
+    model, then `fit`, then clean up and summarise. Problems found before training (outputs in
+    the way, missing or empty data or evaluation splits, a base model that cannot be loaded, a
+    target module the model lacks) raise an `MloraError` (`TrainError`, `FolderError`,
+    `DataError`, `ModelLoadError`, `AdapterError`) before any step runs, and before
+    ``--overwrite`` removes anything.
 
     Args:
         folder: ``options.output_dir`` opened with `open_run_folder` by a caller that goes on
@@ -477,76 +493,92 @@ def run_training(config, options: TrainOptions, folder: RunFolder | None = None)
         with open_run_folder(options.output_dir) as opened:
             return run_training(config, options, opened)
     start = time.perf_counter()
-    out = options.output_dir
-    resume_from = plan_output(config, options, folder)
-    state = ckpt.read_run_state(resume_from) if resume_from is not None else None
-    seed = state["seed"] if state else options.seed
-    if state and state["seed"] != options.seed:
-        logger.warning("resuming with the run's seed %d (--seed %d ignored)", state["seed"], options.seed)
-    if state and state["base_model"] != options.base_model:
-        logger.warning("the run was started on base model %s; resuming on %s", state["base_model"], options.base_model)
-    names = [a.name for a in config.lora]
-    restore = set(state["dispatcher"]["active"]) if state else set()
-    missing = sorted(restore - set(names))
-    if missing:
-        raise TrainError(f"the checkpoint {resume_from} trains adapter(s) {', '.join(missing)} that the config no "
-                         "longer lists; resume with the config the run was started with")
-    failed_before = dict(state["failed"]) if state else {}
-    done = {n for n in names if n not in restore and options.resume and ckpt.is_finished_adapter(folder, n)}
-    done |= set(state["finished"]) - restore if state else set()
-    todo = [a for a in config.lora if a.name not in done and a.name not in failed_before]
+    resume = ckpt.plan_resume(config, options, folder, run_id=uuid.uuid4().hex)
+    todo = resume.todo(config)
+    raw = _setup_data(todo, resume.seed)
+    model, tokenizer, device, dtype = _setup_model(options, todo, resume.seed)
+    prepared = _tokenize(todo, raw, tokenizer, config.cutoff_len)
+    if options.overwrite:  # only now, with data, model and adapters checked: nothing is lost to a typo
+        _remove_earlier_outputs(config, folder)
+    run = Run(config, options, folder, resume, model, tokenizer, device, dtype == torch.float16, prepared,
+              _setup_dispatcher(resume, todo), failed=dict(resume.failed))
+    interrupted = _train(run, todo)
+    if not interrupted:
+        ckpt.remove_checkpoints(folder)  # every adapter is done: the optimizer states are not needed
+    return _summary(run, interrupted, time.perf_counter() - start)
 
-    raw = {a.name: read_examples(a, seed) for a in todo}  # data errors before the model loads
+
+def _setup_data(todo: list[LoraConfig], seed: int) -> dict[str, list]:
+    """Every adapter's raw examples, and one item of every evaluation split the run will score:
+    data problems surface before the (slow) model load."""
+    raw = {a.name: read_examples(a, seed) for a in todo}
     check_eval_data(todo)
+    return raw
+
+
+def _setup_model(options: TrainOptions, todo: list[LoraConfig], seed: int):
+    """The frozen base as a `MultiAdapterModel`, every adapter test-injected once (target
+    modules and ranks checked); returns ``(model, tokenizer, device, base dtype)``."""
     device, dtype = resolve_device_dtype(options)
     with hub_offline_unless_reachable(options.base_model):
         hf_model, tokenizer = load_base_model(options.base_model, dtype=dtype, quantize=options.quantize,
                                               device=device, attn_impl=options.attn_impl)
-    prepared = {}
-    for a in todo:
-        prepared[a.name] = tokenize(a, raw[a.name], tokenizer, config.cutoff_len)
-        log_prepared(a.name, prepared[a.name], config.cutoff_len)
     model = MultiAdapterModel(hf_model)
     check_adapters(model, todo, seed)
     if options.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    return model, tokenizer, device, dtype
 
-    if options.overwrite:  # only now, with data, model and adapters checked: nothing is lost to a typo
-        ckpt.remove_checkpoints(folder)
-        for a in config.lora:
-            for path in folder.outputs_of(a.name):
-                folder.remove(path)
-    if state:
-        dispatcher = Dispatcher.from_state(state["dispatcher"])
-        known = set(dispatcher.active) | set(dispatcher.waiting)
-        dispatcher.waiting = [n for n in dispatcher.waiting if n in prepared]
-        dispatcher.waiting += [a.name for a in todo if a.name not in known]  # adapters added to the config
-        logger.info("resuming from %s (global step %d)", resume_from, dispatcher.step)
-    else:
-        if options.resume:
-            logger.info("no checkpoint in %s: starting from the beginning", out)
-        dispatcher = Dispatcher([a.name for a in todo])
 
-    run = Run(config, options, folder, model, device, dtype == torch.float16, tokenizer.pad_token_id, seed,
-              state["run_id"] if state else uuid.uuid4().hex, prepared, dispatcher, resume_from, set(restore),
-              failed=failed_before, tokenizer=tokenizer)
-    total, initial = _progress_counts(run, todo, state["positions"] if state else {})
-    progress = Progress(total, initial, options.progress)
-    model.train()
-    interrupted = False
+def _tokenize(todo: list[LoraConfig], raw: dict[str, list], tokenizer, cutoff_len: int) -> dict[str, Prepared]:
+    prepared = {}
+    for a in todo:
+        prepared[a.name] = tokenize(a, raw[a.name], tokenizer, cutoff_len)
+        log_prepared(a.name, prepared[a.name], cutoff_len)
+    return prepared
+
+
+def _remove_earlier_outputs(config: RunConfig, folder: RunFolder) -> None:
+    """``--overwrite``: the earlier run's checkpoints and this config's adapters, logs and
+    TensorBoard events (only what mlora wrote; `plan_resume` refused anything else)."""
+    ckpt.remove_checkpoints(folder)
+    for a in config.lora:
+        for path in folder.outputs_of(a.name):
+            folder.remove(path)
+
+
+def _setup_dispatcher(resume: ckpt.Resume, todo: list[LoraConfig]) -> Dispatcher:
+    """A fresh queue, or the checkpoint's (adapters added to the config since join its end)."""
+    if resume.dispatcher is None:
+        return Dispatcher([a.name for a in todo])
+    dispatcher = Dispatcher.from_state(resume.dispatcher)
+    known = set(dispatcher.active) | set(dispatcher.waiting)
+    names = {a.name for a in todo}
+    dispatcher.waiting = [n for n in dispatcher.waiting if n in names]
+    dispatcher.waiting += [a.name for a in todo if a.name not in known]
+    return dispatcher
+
+
+def _train(run: Run, todo: list[LoraConfig]) -> bool:
+    """`fit` with the progress bar, the RNG fork and the log redirection around it; returns
+    whether the run stopped early."""
+    total, initial = _progress_counts(run, todo)
+    progress = Progress(total, initial, run.options.progress)
+    run.model.train()
     try:
-        with _fork_rng(device), _redirect_logging(options.progress):
-            interrupted = fit(run, progress)
+        with _fork_rng(run.device), _redirect_logging(run.options.progress):
+            return fit(run, progress)
     finally:
         progress.close()
         for ar in run.active.values():
             ar.metrics.close()
-        model.eval()
-    if not interrupted:
-        ckpt.remove_checkpoints(folder)  # every adapter is done: the optimizer states are not needed
+        run.model.eval()
 
-    summaries: dict[str, AdapterSummary] = {}
-    for a in config.lora:
+
+def _summary(run: Run, interrupted: bool, seconds: float) -> TrainSummary:
+    """How each adapter's training ended; unloads the adapters still active."""
+    folder, summaries = run.folder, {}
+    for a in run.config.lora:
         n = a.name
         if n in run.finished:
             summaries[n] = run.finished[n]
@@ -556,31 +588,30 @@ def run_training(config, options: TrainOptions, folder: RunFolder | None = None)
             ar = run.active[n]
             summaries[n] = AdapterSummary(n, "interrupted", steps=ar.step, final_loss=ar.last_loss,
                                           metrics=ar.metrics.path)
-        elif n in done:
+        elif n in run.resume.finished:
             info = ckpt.read_training_info(folder.adapter(n))
             summaries[n] = AdapterSummary(n, "done-before", folder.adapter(n), info.get("steps", 0),
                                           info.get("final_loss"))
         else:
             summaries[n] = AdapterSummary(n, "waiting")
-    for ar_name in list(run.active):
-        run.model.remove_adapter(ar_name)
-    return TrainSummary(out, summaries, interrupted, run.last_checkpoint if interrupted else None,
-                        run.dispatcher.step, time.perf_counter() - start,
-                        folder.tensorboard if folder.tensorboard.is_dir() else None, run.stop_signal, model, tokenizer)
+    for name in list(run.active):
+        run.model.remove_adapter(name)
+    return TrainSummary(run.options.output_dir, summaries, interrupted, run.last_checkpoint if interrupted else None,
+                        run.dispatcher.step, seconds, folder.tensorboard if folder.tensorboard.is_dir() else None,
+                        run.stop_signal, run.model, run.tokenizer)
 
 
-def _progress_counts(run: Run, todo: list, positions: dict) -> tuple[int, int]:
-    """(total, already done) micro-batches over the adapters this run trains, for the bar;
-    `positions` holds the checkpointed data position of each restored adapter."""
+def _progress_counts(run: Run, todo: list[LoraConfig]) -> tuple[int, int]:
+    """(total, already done) micro-batches over the adapters this run trains, for the bar."""
     total = initial = 0
     for a in todo:
         n = len(run.prepared[a.name].examples)
         total += a.num_epochs * micro_batches_per_epoch(n, a.batch_size, a.micro_batch_size)
-        if a.name in run.restore_names:
+        if a.name in run.resume.restore:
             data = AdapterData(run.prepared[a.name].examples, batch_size=a.batch_size,
                                micro_batch_size=a.micro_batch_size, num_epochs=a.num_epochs,
                                group_by_length=False, seed=0)
-            initial += data.micro_batches_done(Position(**positions[a.name]))
+            initial += data.micro_batches_done(Position(**run.resume.positions[a.name]))
     return total, initial
 
 
