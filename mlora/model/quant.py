@@ -7,14 +7,22 @@ when the base is loaded quantized; this module turns any of them into a dense fp
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 
+def _bnb():
+    """The bitsandbytes module when it is imported, else None: a model can hold bitsandbytes
+    layers only once it is, so plain models never pay for importing it."""
+    return sys.modules.get("bitsandbytes")
+
+
 def is_quantized(layer: nn.Module) -> bool:
     """True for bitsandbytes 4-bit and 8-bit linear layers."""
-    weight = getattr(layer, "weight", None)
-    return type(weight).__name__ in ("Params4bit", "Int8Params")
+    bnb = _bnb()
+    return bnb is not None and isinstance(getattr(layer, "weight", None), (bnb.nn.Params4bit, bnb.nn.Int8Params))
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -24,18 +32,14 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     the weight itself cast to fp32 (no copy when it already is fp32).
     """
     weight = layer.weight
-    kind = type(weight).__name__
-    if kind == "Params4bit":
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
-    if kind == "Int8Params":
-        import bitsandbytes.functional as bnbf
-
+    bnb = _bnb()
+    if bnb is not None and isinstance(weight, bnb.nn.Params4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    if bnb is not None and isinstance(weight, bnb.nn.Int8Params):
         scales = getattr(weight, "SCB", None)
         if scales is None:
             scales = layer.state.SCB
-        return bnbf.int8_vectorwise_dequant(weight.data, scales).float()
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales).float()
     return weight.float()
 
 

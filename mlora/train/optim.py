@@ -9,10 +9,10 @@ Every adapter trains with its own optimizer and schedule, built from its own con
 * ``scheduler_type`` with ``warmup_steps`` or ``warmup_ratio`` (a fraction of all optimizer
   steps of the adapter), through transformers' ``get_scheduler``.
 
-`LossScaler` is a dynamic loss scale for one adapter. A mixed batch sums the adapters'
-losses before one backward; since adapters own disjoint parameters, each adapter's
-gradients are exactly its own loss's gradients times its own scale, so every adapter can be
-unscaled, checked for overflow and stepped (or skipped) on its own.
+`loss_scaler` is a dynamic loss scale for one adapter (`torch.amp.GradScaler`). A mixed batch
+sums the adapters' scaled losses before one backward; since adapters own disjoint parameters,
+each adapter's gradients are exactly its own loss's gradients times its own scale, so every
+adapter can be unscaled, checked for overflow and stepped (or skipped) on its own.
 """
 
 from __future__ import annotations
@@ -68,49 +68,9 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int):
                          num_training_steps=max(total_steps, 1))
 
 
-class LossScaler:
-    """Dynamic loss scaling for one adapter (fp16 bases); a no-op when disabled.
-
-    The adapter's loss is multiplied by `scale` before the shared backward; `unscale_and_check`
-    divides its gradients back and says whether they are finite. An overflow halves the
-    scale (the step is skipped); `growth_interval` finite steps in a row double it.
-    """
-
-    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000):
-        self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
-        self.growth_interval = growth_interval
-        self.good_steps = 0
-
-    def unscale_and_check(self, params: list[nn.Parameter]) -> bool:
-        """Divide the gradients by the scale in place; True when all of them are finite."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if not self.enabled:
-            return True
-        inv = 1.0 / self.scale
-        for g in grads:
-            g.mul_(inv)
-        return all(bool(torch.isfinite(g).all()) for g in grads)
-
-    def update(self, finite: bool) -> None:
-        """Back off after an overflow, grow after `growth_interval` finite steps."""
-        if not self.enabled:
-            return
-        if not finite:
-            self.scale = max(self.scale * 0.5, 1.0)
-            self.good_steps = 0
-            return
-        self.good_steps += 1
-        if self.good_steps >= self.growth_interval:
-            self.scale *= 2.0
-            self.good_steps = 0
-
-    def state_dict(self) -> dict:
-        return {"enabled": self.enabled, "scale": self.scale, "good_steps": self.good_steps,
-                "growth_interval": self.growth_interval}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.enabled = state["enabled"]
-        self.scale = state["scale"]
-        self.good_steps = state["good_steps"]
-        self.growth_interval = state["growth_interval"]
+def loss_scaler(enabled: bool, device: torch.device) -> torch.amp.GradScaler:
+    """One adapter's dynamic loss scale (fp16 bases): torch's own `GradScaler`, a no-op when
+    disabled. Its optimizer is stepped through it (`scaler.step`), which skips a step whose
+    gradients overflowed; `scaler.update` then backs the scale off, or grows it after
+    `growth_interval` finite steps."""
+    return torch.amp.GradScaler(device.type, enabled=enabled)

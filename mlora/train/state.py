@@ -18,7 +18,7 @@ from torch import nn
 from mlora.config import to_dict
 from mlora.train.data import AdapterData, Position, Prepared, TrainError
 from mlora.train.metrics import MetricsLog
-from mlora.train.optim import LossScaler, build_optimizer, build_scheduler
+from mlora.train.optim import build_optimizer, build_scheduler, loss_scaler
 
 
 @dataclass
@@ -40,7 +40,7 @@ class AdapterRun:
     params: dict[str, nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: object
-    scaler: LossScaler
+    scaler: torch.amp.GradScaler
     metrics: MetricsLog
     position: Position = field(default_factory=Position)
     step: int = 0
@@ -64,7 +64,8 @@ class AdapterRun:
                            num_epochs=cfg.num_epochs, group_by_length=cfg.group_by_length, seed=seed)
         optimizer = build_optimizer(cfg, params)
         scheduler = build_scheduler(cfg, optimizer, data.total_steps)
-        return cls(cfg, seed, data, prepared, params, optimizer, scheduler, LossScaler(fp16), metrics)
+        scaler = loss_scaler(fp16, next(iter(params.values())).device)
+        return cls(cfg, seed, data, prepared, params, optimizer, scheduler, scaler, metrics)
 
     def next_examples(self) -> list:
         """The tokenized examples of the next micro-batch."""

@@ -231,7 +231,7 @@ def fit(run: Run, progress: Progress) -> bool:
                     continue
                 ar.acc_loss += loss.item()
                 ar.acc_aux += aux.item()
-                term = (loss + aux) * ar.scaler.scale
+                term = ar.scaler.scale(loss + aux)
                 total = term if total is None else total + term
             if total is not None and total.requires_grad:
                 total.backward()
@@ -314,18 +314,17 @@ def optimizer_step(ar: AdapterRun, epoch: int) -> None:
     skipped = None
     if ar.acc_bad:
         skipped = "nan_loss"
-    elif not ar.scaler.unscale_and_check(params):
-        skipped = "fp16_overflow"  # ordinary for loss scaling: back off, not a fault
-        ar.scaler.update(False)
     else:
+        ar.scaler.unscale_(ar.optimizer)
         max_norm = ar.cfg.max_grad_norm if ar.cfg.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        record["grad_norm"] = grad_norm
         if not math.isfinite(grad_norm):
-            skipped = "nan_grad"
+            # With loss scaling an overflow is ordinary (back off, not a fault); without, a fault.
+            skipped = "fp16_overflow" if ar.scaler.is_enabled() else "nan_grad"
         else:
-            ar.optimizer.step()
-            ar.scaler.update(True)
+            record["grad_norm"] = grad_norm
+            ar.scaler.step(ar.optimizer)
+        ar.scaler.update()  # backs the scale off after an overflow (a no-op without loss scaling)
     ar.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
         # A skipped step still advances the schedule (it follows the data); torch warns about that.
@@ -343,7 +342,7 @@ def optimizer_step(ar: AdapterRun, epoch: int) -> None:
         ar.nan_streak = 0
         ar.last_loss = ar.acc_loss
     if skipped:
-        ar.metrics.event(ar.step, skipped, loss=ar.acc_loss, streak=ar.nan_streak, loss_scale=ar.scaler.scale)
+        ar.metrics.event(ar.step, skipped, loss=ar.acc_loss, streak=ar.nan_streak, loss_scale=ar.scaler.get_scale())
     else:
         ar.metrics.step(record)
     ar.reset_accumulation()

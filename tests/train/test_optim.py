@@ -9,7 +9,7 @@ import torch
 
 from mlora.config import LoraConfig
 from mlora.model.adapted import MultiAdapterModel
-from mlora.train.optim import LossScaler, build_optimizer, build_scheduler, parameter_groups, warmup_steps
+from mlora.train.optim import build_optimizer, build_scheduler, parameter_groups, warmup_steps
 from tests.tiny import tiny_model
 
 
@@ -72,22 +72,59 @@ def test_cosine_schedule_with_warmup_steps():
     assert lrs == pytest.approx([0.0] + [0.5 * (1 + math.cos(math.pi * (t - 1) / 4)) for t in range(1, 5)])
 
 
-def test_loss_scaler_unscales_backs_off_and_grows():
-    p = torch.nn.Parameter(torch.zeros(3))
-    scaler = LossScaler(True, init_scale=8.0, growth_interval=2)
-    p.grad = torch.tensor([8.0, 16.0, -8.0])
-    assert scaler.unscale_and_check([p]) and p.grad.tolist() == [1.0, 2.0, -1.0]
-    p.grad = torch.tensor([float("inf"), 0.0, 0.0])
-    assert not scaler.unscale_and_check([p])
-    scaler.update(False)
-    assert scaler.scale == 4.0
-    scaler.update(True)
-    scaler.update(True)
-    assert scaler.scale == 8.0
-    state = scaler.state_dict()
-    other = LossScaler(True)
-    other.load_state_dict(state)
-    assert other.scale == 8.0 and other.good_steps == 0
-    off = LossScaler(False)
-    p.grad = torch.tensor([float("nan"), 1.0, 1.0])
-    assert off.scale == 1.0 and off.unscale_and_check([p])  # disabled: the caller checks the grad norm
+class _Log:
+    """Collects what `optimizer_step` logs."""
+
+    def __init__(self):
+        self.records = []
+
+    def step(self, record):
+        self.records.append(("step", record))
+
+    def event(self, step, event, **details):
+        self.records.append((event, details))
+
+
+def _fp16_run(fp16: bool):
+    from mlora.data import TokenizedExample
+    from mlora.train.data import Prepared
+    from mlora.train.state import AdapterRun
+
+    cfg, params = dora_params(lr=0.1)
+    examples = [TokenizedExample("casual", [1, 2, 3], [-100, 2, 3])] * 16
+    return AdapterRun.create(cfg, 0, Prepared(examples, 16, 0, 0), params, fp16, _Log())
+
+
+def test_loss_scaling_skips_an_overflowing_step_backs_off_then_steps():
+    """fp16 bases: each adapter's loss scale is torch's GradScaler; an overflow skips the step
+    (logged as such, not as a fault) and halves the scale; finite gradients are unscaled."""
+    from mlora.train.trainer import optimizer_step
+
+    ar = _fp16_run(fp16=True)
+    ar.scaler.scale(torch.ones(()))  # the trainer scales each loss before the backward
+    scale = ar.scaler.get_scale()
+    before = {k: p.detach().clone() for k, p in ar.params.items()}
+    for p in ar.params.values():
+        p.grad = torch.full_like(p, float("inf"))
+    optimizer_step(ar, epoch=0)
+    assert ar.metrics.records[-1][0] == "fp16_overflow" and ar.nan_streak == 0
+    assert ar.scaler.get_scale() == scale / 2
+    assert all(torch.equal(p, before[k]) for k, p in ar.params.items())
+    for p in ar.params.values():
+        p.grad = torch.full_like(p, 1e-3) * ar.scaler.get_scale()  # a scaled gradient
+    optimizer_step(ar, epoch=0)
+    kind, record = ar.metrics.records[-1]
+    unscaled = math.sqrt(sum(p.numel() for p in ar.params.values())) * 1e-3
+    assert kind == "step" and record["grad_norm"] == pytest.approx(unscaled, rel=1e-4)
+    assert not all(torch.equal(p, before[k]) for k, p in ar.params.items())
+
+
+def test_without_loss_scaling_a_non_finite_gradient_is_a_fault():
+    from mlora.train.trainer import optimizer_step
+
+    ar = _fp16_run(fp16=False)
+    for p in ar.params.values():
+        p.grad = torch.full_like(p, float("nan"))
+    optimizer_step(ar, epoch=0)
+    assert ar.metrics.records[-1][0] == "nan_grad" and ar.nan_streak == 1
+    assert not ar.scaler.is_enabled()
