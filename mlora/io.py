@@ -153,7 +153,7 @@ def save_adapter(model, name: str, folder, base_model_name_or_path: str | None =
     cfg = model.configs[name]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if getattr(cfg, "is_moe", False):
+    if cfg.is_moe:
         hf = model.model.config
         act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None) or "silu"
         config, state = mixlora_config_json(cfg, base_model_name_or_path, act), mixlora_state_dict(model, name)
@@ -179,7 +179,7 @@ def load_adapter(model, folder, cfg=None, name: str | None = None):
     tensors = read_weights(folder)
     model.add_adapter(cfg)
     try:
-        if getattr(cfg, "is_moe", False):
+        if cfg.is_moe:
             internal = mixlora_to_internal(tensors, model.adapter_parameters(cfg.name), folder)
         else:
             internal = {}
@@ -196,7 +196,7 @@ def load_adapter(model, folder, cfg=None, name: str | None = None):
 
 
 def _check_same_shape(cfg, file_cfg, folder: Path) -> None:
-    keys = ["r", "use_dora", "target_modules"] + (["num_experts"] if getattr(cfg, "is_moe", False) else [])
+    keys = ["r", "use_dora", "target_modules"] + (["num_experts"] if cfg.is_moe else [])
     for key in keys:
         ours, theirs = getattr(cfg, key, None), getattr(file_cfg, key, None)
         if key == "target_modules":
@@ -204,7 +204,7 @@ def _check_same_shape(cfg, file_cfg, folder: Path) -> None:
         if ours != theirs:
             raise AdapterFileError(f"{folder}: the saved adapter has {key}={theirs!r} but the config asks "
                                    f"for {key}={ours!r}; {key} is fixed once an adapter is created")
-    if getattr(cfg, "is_moe", False) != getattr(file_cfg, "is_moe", False):
+    if cfg.is_moe != file_cfg.is_moe:
         raise AdapterFileError(f"{folder}: adapter type differs from the config (LoRA vs MixLoRA)")
 
 
@@ -235,7 +235,7 @@ def merged_model(model, name: str):
     from mlora.model.quant import is_quantized
 
     cfg = model.configs[name]
-    if getattr(cfg, "is_moe", False):
+    if cfg.is_moe:
         raise AdapterFileError(f"adapter {name!r} is a MixLoRA adapter: its routed experts cannot be "
                                "merged into dense weights; load it with MixLoraModelForCausalLM instead")
     plain = copy.deepcopy(model.model)

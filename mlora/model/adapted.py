@@ -124,7 +124,7 @@ class MultiAdapterModel(nn.Module):
             raise AdapterError(f"adapter {cfg.name!r}: {err}") from err
 
     def _add_to_layer(self, cfg, index: int, layer: nn.Module) -> None:
-        moe_here = getattr(cfg, "is_moe", False) and _has_experts(cfg, index)
+        moe_here = cfg.is_moe and _has_experts(cfg, index)
         for target in cfg.target_modules:
             if moe_here and target in FFN_PROJECTIONS:
                 continue  # the experts carry the FFN LoRA
@@ -216,13 +216,13 @@ def _check_ranks(cfg, layer: nn.Module) -> None:
     """A LoRA rank above a projection's smaller side adds nothing but memory: refuse it."""
     from mlora.model.quant import linear_features
 
-    expert_r = cfg.expert_settings().r if getattr(cfg, "is_moe", False) else cfg.r
+    expert_r = cfg.expert_settings().r if cfg.is_moe else cfg.r
     for target in cfg.target_modules:
         module = layer.get_submodule(_find_projection(layer, target))
         if isinstance(module, LoraLinear):
             module = module.base_layer
         width = min(linear_features(module))
-        moe_ffn = getattr(cfg, "is_moe", False) and target in FFN_PROJECTIONS
+        moe_ffn = cfg.is_moe and target in FFN_PROJECTIONS
         r, key = (expert_r, "expert_lora.r" if cfg.expert_lora is not None else "r") if moe_ffn else (cfg.r, "r")
         if r > width:
             raise AdapterError(f"adapter {cfg.name!r}: {key} = {r} exceeds the width of {target} "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mlora.config import to_dict
+from mlora.config import LoraConfig, to_dict
 from mlora.train.data import AdapterData, Position, Prepared, TrainError
 from mlora.train.metrics import MetricsLog
 from mlora.train.optim import build_optimizer, build_scheduler, loss_scaler
@@ -29,11 +29,11 @@ class AdapterRun:
         step: optimizer batches consumed (stepped or skipped); the scheduler follows it.
         position: the next micro-batch to train on.
         nan_streak: consecutive batches skipped for a non-finite loss or gradient.
-        acc_*: sums over the micro-batches of the current optimizer batch (for the log);
-            ``acc_bad`` marks a batch with a non-finite loss, whose step is skipped.
+        accum_*: sums over the micro-batches of the current optimizer batch (for the log);
+            ``accum_bad`` marks a batch with a non-finite loss, whose step is skipped.
     """
 
-    cfg: object
+    cfg: LoraConfig
     seed: int
     data: AdapterData
     prepared: Prepared
@@ -45,10 +45,10 @@ class AdapterRun:
     position: Position = field(default_factory=Position)
     step: int = 0
     nan_streak: int = 0
-    acc_loss: float = 0.0
-    acc_aux: float = 0.0
-    acc_tokens: int = 0
-    acc_bad: bool = False
+    accum_loss: float = 0.0
+    accum_aux: float = 0.0
+    accum_tokens: int = 0
+    accum_bad: bool = False
     last_loss: float | None = None
     clock: float = field(default_factory=time.perf_counter)
 
@@ -75,7 +75,7 @@ class AdapterRun:
         return self.optimizer.param_groups[0]["lr"]
 
     def reset_accumulation(self) -> None:
-        self.acc_loss, self.acc_aux, self.acc_tokens, self.acc_bad = 0.0, 0.0, 0, False
+        self.accum_loss, self.accum_aux, self.accum_tokens, self.accum_bad = 0.0, 0.0, 0, False
 
     # ------------------------------------------------------------------ checkpoint form
     def state_dict(self) -> dict:
@@ -90,7 +90,8 @@ class AdapterRun:
             "position": dataclasses.asdict(self.position),
             "step": self.step,
             "nan_streak": self.nan_streak,
-            "accumulation": {"loss": self.acc_loss, "aux": self.acc_aux, "tokens": self.acc_tokens, "bad": self.acc_bad},
+            "accumulation": {"loss": self.accum_loss, "aux": self.accum_aux, "tokens": self.accum_tokens,
+                             "bad": self.accum_bad},
             "last_loss": self.last_loss,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -112,8 +113,9 @@ class AdapterRun:
         self.position = Position(**state["position"])
         self.step = state["step"]
         self.nan_streak = state["nan_streak"]
-        acc = state["accumulation"]
-        self.acc_loss, self.acc_aux, self.acc_tokens, self.acc_bad = acc["loss"], acc["aux"], acc["tokens"], acc["bad"]
+        accum = state["accumulation"]
+        self.accum_loss, self.accum_aux = accum["loss"], accum["aux"]
+        self.accum_tokens, self.accum_bad = accum["tokens"], accum["bad"]
         self.last_loss = state["last_loss"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

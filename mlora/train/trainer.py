@@ -222,15 +222,15 @@ def fit(run: Run, progress: Progress) -> bool:
             for seg in batch.layout.segments:
                 ar = run.active[seg.name]
                 rows = slice(seg.start, seg.end)
-                ar.acc_tokens += int(batch.attention_mask[rows].sum())
-                if ar.acc_bad:
+                ar.accum_tokens += int(batch.attention_mask[rows].sum())
+                if ar.accum_bad:
                     continue  # this batch's step is skipped anyway
                 loss, aux = adapter_loss(ar, losses[rows], out.router_logits.get(seg.name), seg.end - seg.start)
                 if not bool(torch.isfinite(loss + aux)):
-                    ar.acc_bad = True  # left out of the backward; its step will be skipped
+                    ar.accum_bad = True  # left out of the backward; its step will be skipped
                     continue
-                ar.acc_loss += loss.item()
-                ar.acc_aux += aux.item()
+                ar.accum_loss += loss.item()
+                ar.accum_aux += aux.item()
                 term = ar.scaler.scale(loss + aux)
                 total = term if total is None else total + term
             if total is not None and total.requires_grad:
@@ -298,7 +298,7 @@ def adapter_loss(ar: AdapterRun, token_loss: torch.Tensor, router_entries, rows:
     """
     loss = token_loss.sum() / max(ar.data.batch_targets(ar.position), 1)
     aux = torch.zeros((), device=loss.device)
-    if getattr(ar.cfg, "is_moe", False) and getattr(ar.cfg, "router_loss", False) and router_entries:
+    if ar.cfg.is_moe and ar.cfg.router_loss and router_entries:
         from mlora.model import mixlora
 
         share = rows / len(ar.data.batch_indices(ar.position))
@@ -309,10 +309,10 @@ def adapter_loss(ar: AdapterRun, token_loss: torch.Tensor, router_entries, rows:
 def optimizer_step(ar: AdapterRun, epoch: int) -> None:
     """Close the adapter's optimizer batch: step (or skip) its optimizer, advance its schedule, log."""
     params = list(ar.params.values())
-    record = {"step": ar.step + 1, "epoch": epoch, "loss": ar.acc_loss, "aux_loss": ar.acc_aux, "lr": ar.lr(),
-              "grad_norm": None, "tokens": ar.acc_tokens}
+    record = {"step": ar.step + 1, "epoch": epoch, "loss": ar.accum_loss, "aux_loss": ar.accum_aux, "lr": ar.lr(),
+              "grad_norm": None, "tokens": ar.accum_tokens}
     skipped = None
-    if ar.acc_bad:
+    if ar.accum_bad:
         skipped = "nan_loss"
     else:
         ar.scaler.unscale_(ar.optimizer)
@@ -340,9 +340,9 @@ def optimizer_step(ar: AdapterRun, epoch: int) -> None:
                        "loss" if skipped == "nan_loss" else "gradient", ar.nan_streak)
     elif skipped is None:
         ar.nan_streak = 0
-        ar.last_loss = ar.acc_loss
+        ar.last_loss = ar.accum_loss
     if skipped:
-        ar.metrics.event(ar.step, skipped, loss=ar.acc_loss, streak=ar.nan_streak, loss_scale=ar.scaler.get_scale())
+        ar.metrics.event(ar.step, skipped, loss=ar.accum_loss, streak=ar.nan_streak, loss_scale=ar.scaler.get_scale())
     else:
         ar.metrics.step(record)
     ar.reset_accumulation()
