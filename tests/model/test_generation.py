@@ -14,7 +14,7 @@ from mlora.model.adapted import MultiAdapterModel, decoder_layers
 from mlora.model.generation import GenerationError, GenerationSettings, generate, generate_rows
 from tests.model.helpers import lora_cfg, randomise_b
 from tests.model.test_mixlora import moe_cfg
-from tests.tiny import save_tiny, tiny_model, word_tokenizer
+from tests.tiny import ARCHITECTURES, save_tiny, tiny_model, word_tokenizer
 
 ADAPTERS = {
     "lora": lora_cfg("lora"),
@@ -74,6 +74,23 @@ def test_greedy_rows_equal_each_adapter_alone(folders, served):
         assert state.adapter == name and state.finished
         assert state.tokens == alone(folders, name, prompt, 10), name
     assert len({tuple(s.tokens) for s in states}) == len(rows)  # every adapter really answers differently
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "llama"])
+def test_greedy_rows_equal_generate_on_other_architectures(arch):
+    # The reference: generate() of the same model applying one adapter to every row, as the
+    # inference API's model does (its context's default adapter), with no padding and no neighbour.
+    model = MultiAdapterModel(tiny_model(arch)).eval()
+    for name, cfg in [("lora", lora_cfg("lora")), ("moe", moe_cfg("moe", router_init_range=1.0))]:
+        model.add_adapter(cfg, seed=1)
+        randomise_b(model, name, std=1.0)
+    rows, prompts = ["lora", "moe", None], [ids(LONG), ids(SHORT), ids(SHORT)]
+    states = generate(model, prompts, rows, GenerationSettings(max_new_tokens=8), eos_token_id=None)
+    for name, prompt, state in zip(rows, prompts, states):
+        model.context.default_adapter = name
+        out = model.model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert state.tokens == out[0, len(prompt):].tolist(), name
+    model.context.default_adapter = None
 
 
 def test_rows_stop_at_their_own_end_of_sequence(folders, served):
