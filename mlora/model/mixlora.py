@@ -270,7 +270,7 @@ class MixLoraMoe(nn.Module):
             noise = torch.empty(n, h.shape[1], dtype=h.dtype, device=h.device).uniform_(1.0 - j, 1.0 + j,
                                                                                        generator=generator)
             if real is not None:
-                noise = torch.ones_like(h).index_copy_(0, real.index, noise)
+                noise = torch.ones_like(h).index_put_((real.index,), noise)
             h = h * noise
         return self.moe_gate(h)
 
