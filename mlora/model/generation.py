@@ -164,14 +164,14 @@ def generate_rows(model: MultiAdapterModel, prompts: Sequence[Sequence[int]], ad
     input_ids, attention, positions = _left_padded([prompts[i] for i in order], pad_token_id, device)
     cache = None
     for _ in range(settings.max_new_tokens):
-        token_mask = attention.bool() if not bool(attention[:, -input_ids.shape[1]:].all()) else None
-        layout = _layout([row.adapter for row in active], token_mask)
+        new = attention[:, -input_ids.shape[1]:]  # the mask of this step's tokens: padding only in the prompts
+        layout = _layout([row.adapter for row in active], None if bool(new.all()) else new.bool())
         logits, cache = _step(model, input_ids, attention, positions, cache, layout)
         logits = logits[:, -1].float()                                    # (B, vocab)
         chosen = _next_tokens(logits, settings, generators)               # (B,)
         routing = _routing(model, layout, moe_layers, input_ids.shape[1])
-        for b, row in enumerate(active):
-            row.tokens.append(int(chosen[b]))
+        for b, (row, token) in enumerate(zip(active, chosen.tolist())):
+            row.tokens.append(token)
             if b in routing:
                 row.routing.append(routing[b])
             row.finished = row.tokens[-1] in stops or len(row.tokens) >= settings.max_new_tokens
@@ -263,7 +263,7 @@ def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generators)
 
 
 def _is_moe(model: MultiAdapterModel, name: str | None) -> bool:
-    return name is not None and getattr(model.configs[name], "is_moe", False)
+    return name is not None and model.configs[name].is_moe
 
 
 def _moe_layers(model: MultiAdapterModel, name: str) -> tuple[int, ...]:

@@ -49,12 +49,12 @@ class Adapter:
     @property
     def kind(self) -> str:
         """``LoRA``, ``DoRA``, ``MixLoRA`` or ``MixDoRA``."""
-        moe = getattr(self.config, "is_moe", False)
+        moe = self.config.is_moe
         return ("Mix" if moe else "") + ("DoRA" if self.config.use_dora else "LoRA")
 
     @property
     def is_moe(self) -> bool:
-        return bool(getattr(self.config, "is_moe", False))
+        return self.config.is_moe
 
 
 @dataclass
