@@ -149,8 +149,14 @@ def build_page(workspace: Workspace):
             try:
                 settings = GenerationSettings(max_new_tokens=int(tokens), temperature=float(temp),
                                               top_p=float(nucleus), seed=int(seed_value or 0))
-                stream = workspace.answer(text, context, chosen, settings)
-                first = next(stream)
+                panels = []
+                for panels in workspace.answer(text, context, chosen, settings):
+                    update = {status: f"Generating\u2026 {sum(len(p.tokens) for p in panels)} tokens"}
+                    for panel in panels:
+                        update[boxes[panel.name]] = panel.text
+                        if panel.name in views and (panel.finished or len(panel.routing) % ROUTING_EVERY == 1):
+                            update[views[panel.name]] = routing_html(panel)
+                    yield update
             except MloraError as err:
                 yield {status: _message(err)}
                 return
@@ -158,14 +164,6 @@ def build_page(workspace: Workspace):
                 logger.exception("generation failed")
                 yield {status: _message(err) + " (a bug: the server's log has the details)"}
                 return
-            panels = first
-            for panels in _chain(first, stream):
-                update = {status: f"Generating\u2026 {sum(len(p.tokens) for p in panels)} tokens"}
-                for panel in panels:
-                    update[boxes[panel.name]] = panel.text
-                    if panel.name in views and (panel.finished or len(panel.routing) % ROUTING_EVERY == 1):
-                        update[views[panel.name]] = routing_html(panel)
-                yield update
             total = sum(len(p.tokens) for p in panels)
             seconds = time.perf_counter() - started
             yield {status: f"Done: {total} tokens from {len(panels)} answer(s) in {seconds:.1f} s "
@@ -182,8 +180,3 @@ def build_page(workspace: Workspace):
             answer, [instruction, extra, picked, max_new, temperature, top_p, seed], outputs)
         stop.click(None, None, None, cancels=[event])
     return page
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest

@@ -107,10 +107,11 @@ def wait_until_served(proc, url, log, seconds=120):
 @pytest.fixture(scope="module")
 def expected(run_folder):
     """What the library's batched generation answers with the chosen adapters (no Gradio involved)."""
-    os.environ.setdefault("MLORA_COMPILE", "0")
-    workspace = load_workspace([str(run_folder)], base_model=str(run_folder.parent / "tiny-llama"))
-    *_, final = workspace.answer(INSTRUCTION, INPUT, [BASE, "lora_0", "mixlora_1"],
-                                 GenerationSettings(max_new_tokens=TOKENS))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLORA_COMPILE", "0")  # eager experts, as the server runs them
+        workspace = load_workspace([str(run_folder)], base_model=str(run_folder.parent / "tiny-llama"))
+        *_, final = workspace.answer(INSTRUCTION, INPUT, [BASE, "lora_0", "mixlora_1"],
+                                     GenerationSettings(max_new_tokens=TOKENS))
     return {panel.name: panel for panel in final}, workspace.choices
 
 

@@ -14,6 +14,7 @@ from mlora.model.adapted import MultiAdapterModel
 from mlora.model.generation import GenerationSettings
 from mlora.web.page import routing_html
 from mlora.web.workspace import BASE, WebUIError, load_workspace
+from tests.hub_cache import offline_hub, publish
 from tests.model.helpers import lora_cfg, randomise_b
 from tests.model.test_mixlora import moe_cfg
 from tests.tiny import save_tiny, tiny_model, word_tokenizer
@@ -135,3 +136,14 @@ def test_missing_and_empty_folders(run, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(WebUIError, match="empty holds no adapter_config.json, and none of its sub-folders does"):
         load_workspace([str(tmp_path / "empty")])
+
+
+def test_the_mixlora_readme_line_loads_hub_ids(run, tmp_path, monkeypatch):
+    # The seed's line: base and adapter named by hub ids (served from a local hub cache), m-LoRA's template path.
+    hf_home = offline_hub(monkeypatch, tmp_path / "hf")
+    publish(hf_home, "owner/tiny-base", run["base"])
+    publish(hf_home, "owner/mixlora-tiny", run["out"] / "mixlora_1")
+    monkeypatch.chdir(tmp_path)
+    ws = load_workspace(["owner/mixlora-tiny"], base_model="owner/tiny-base", template="template/alpaca.json")
+    assert list(ws.adapters) == ["mixlora-tiny"] and ws.adapters["mixlora-tiny"].kind == "MixLoRA"
+    assert ws.base_model == "owner/tiny-base"
