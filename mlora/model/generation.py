@@ -145,7 +145,8 @@ def generate_rows(model: MultiAdapterModel, prompts: Sequence[Sequence[int]], ad
         After every step, the list of `RowState` in the order of `prompts` (the same objects each
         time, updated in place): one more token in each unfinished row.
     Raises:
-        GenerationError: bad settings, an empty prompt, or an adapter the model does not hold.
+        GenerationError: bad settings, an empty prompt, an adapter the model does not hold, or a
+            model in training mode.
     """
     settings = settings or GenerationSettings()
     settings.check()
@@ -191,6 +192,8 @@ def generate_rows(model: MultiAdapterModel, prompts: Sequence[Sequence[int]], ad
 
 
 def _check_rows(model, prompts, adapters) -> None:
+    if model.training:
+        raise GenerationError("the model is in training mode (dropout and router jitter on): call model.eval() first")
     if len(prompts) != len(adapters) or not adapters:
         raise GenerationError(f"one prompt per row: got {len(prompts)} prompts for {len(adapters)} adapters")
     if any(len(p) == 0 for p in prompts):

@@ -195,8 +195,13 @@ def test_bad_settings_are_refused(served, settings, message):
         generate(served, [ids(SHORT)], ["lora"], settings, eos_token_id=None)
 
 
-def test_unknown_adapter_and_empty_prompt_are_refused(served):
+def test_unknown_adapter_empty_prompt_and_training_mode_are_refused(served):
     with pytest.raises(GenerationError, match=r"adapter\(s\) \['nope'\] are not loaded"):
         generate(served, [ids(SHORT)], ["nope"], eos_token_id=None)
     with pytest.raises(GenerationError, match="a prompt is empty"):
         generate(served, [[]], ["lora"], eos_token_id=None)
+    try:
+        with pytest.raises(GenerationError, match=r"training mode .* call model.eval\(\) first"):
+            generate(served.train(), [ids(SHORT)], ["lora"], eos_token_id=None)
+    finally:
+        served.eval()
