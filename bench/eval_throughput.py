@@ -17,8 +17,9 @@ few items to warm up, then times one pass over all items (`--no-isolate`: all in
 for the smoke test); peak memory is the process's
 resident set at its highest during that pass (the high-water mark is reset after loading
 and warm-up). Every process keeps freed memory the way the CLI does (`mlora.runtime`). The
-report gives items/s, the speed-ups, peak RSS, and the largest difference of any choice's
-log-likelihood from the `plain` scores. On a shared machine, `--repeats N` runs the scorers N
+report gives items/s, the speed-ups, the CPU seconds the pass used (all threads; less
+sensitive than wall time to other processes), peak RSS, and the largest difference of any
+choice's log-likelihood from the `plain` scores. On a shared machine, `--repeats N` runs the scorers N
 times in turn and keeps each one's fastest pass, and `--wait-quiet SECONDS` waits (at most that
 long) for other processes to go quiet before every pass; "other CPU" is the share of the CPUs
 other processes took during the kept pass.
@@ -166,12 +167,12 @@ def _timed_pass(args) -> dict:
         score(args.worker, model, tokenizer, folder, args.batch_size, args.warmup)
         loaded = _status_mb("VmRSS")
         exact_peak = _reset_peak()
-        before, start = cpu_seconds(), time.perf_counter()
+        before, start, own = cpu_seconds(), time.perf_counter(), time.process_time()
         scores = score(args.worker, model, tokenizer, folder, args.batch_size, None)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - own
         other = other_cpu_share(before, cpu_seconds(), seconds)
     peak = _status_mb("VmHWM") if exact_peak else None
-    return {"scorer": args.worker, "seconds": seconds, "items_per_s": args.items / seconds,
+    return {"scorer": args.worker, "seconds": seconds, "items_per_s": args.items / seconds, "cpu_seconds": cpu,
             "rss_before_mb": loaded, "peak_rss_mb": peak, "other_cpu_share": other, "scores": scores}
 
 
@@ -207,7 +208,7 @@ def _fmt(value, spec: str) -> str:
 def report(results: list[dict]) -> str:
     by = {r["scorer"]: r for r in results if "error" not in r}
     reference = by.get("plain", {}).get("scores")
-    header = (f"{'scorer':8}  {'seconds':>8}  {'items/s':>8}  {'vs plain':>8}  {'vs lm-eval':>10}  "
+    header = (f"{'scorer':8}  {'seconds':>8}  {'items/s':>8}  {'vs plain':>8}  {'vs lm-eval':>10}  {'CPU s':>7}  "
               f"{'peak RSS MB':>11}  {'max |dLL|':>9}  {'other CPU':>9}")
     lines = [header]
     for r in results:
@@ -219,7 +220,8 @@ def report(results: list[dict]) -> str:
         if reference is not None:
             diff = max(abs(a - b) for got, want in zip(r["scores"], reference) for a, b in zip(got, want))
         lines.append(f"{r['scorer']:8}  {r['seconds']:8.2f}  {r['items_per_s']:8.2f}  {_fmt(ratio['plain'], '8.2f')}  "
-                     f"{_fmt(ratio['lm-eval'], '10.2f')}  {_fmt(r['peak_rss_mb'], '11.0f')}  {_fmt(diff, '9.2e')}  "
+                     f"{_fmt(ratio['lm-eval'], '10.2f')}  {r['cpu_seconds']:7.0f}  {_fmt(r['peak_rss_mb'], '11.0f')}  "
+                     f"{_fmt(diff, '9.2e')}  "
                      f"{_fmt(r['other_cpu_share'], '9.2f')}")
         r["max_abs_dll_vs_plain"] = diff
     return "\n".join(lines)
