@@ -11,7 +11,9 @@ before torch or a model is loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -168,41 +170,87 @@ def _config_and_base_model(args: argparse.Namespace) -> Optional[RunConfig]:
     return None if problems is not None or not args.base_model else cfg
 
 
+def _torchrun_rank() -> int:
+    """This process's rank under torchrun (0 without it); read before torch is imported."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate the config, then train every adapter in it, save them and say where they went.
 
     Exit status: 0 all adapters trained, 1 some adapter stopped (non-finite losses), 2 bad input
     found before training (config, flags, data, base model, target modules, existing outputs),
     130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM (a checkpoint was saved; continue with --resume).
+    Under torchrun every process runs this; rank 0 alone prints, writes and reports problems.
     """
-    cfg = _config_and_base_model(args)
+    leader = _torchrun_rank() == 0
+    with contextlib.nullcontext() if leader else contextlib.redirect_stderr(io.StringIO()):
+        cfg = _config_and_base_model(args)  # the same file on every rank: rank 0 reports
     if cfg is None:
         return EXIT_BAD_INPUT
-    print(f"{args.config}: valid, {len(cfg.lora)} adapter(s):")
-    for a in cfg.lora:
-        print(f"  {a.name}: {a.task_name} ({_describe_adapter(a)})")
-    sys.stdout.flush()
+    if leader:
+        print(f"{args.config}: valid, {len(cfg.lora)} adapter(s):")
+        for a in cfg.lora:
+            print(f"  {a.name}: {a.task_name} ({_describe_adapter(a)})")
+        sys.stdout.flush()
 
     # Imported here: validating a config must not pay for torch.
-    from mlora.evaluate import evaluate_trained
-    from mlora.run_folder import open_run_folder
-    from mlora.train import TrainOptions, console_logging, run_training
+    from mlora.train import TrainOptions, console_logging, distributed
 
-    console_logging()
     options = TrainOptions.from_args(args)
-    with open_run_folder(options.output_dir) as folder:  # one command in the folder at a time
-        summary = run_training(cfg, options, folder)
-        for line in summary.lines():
-            print(line)
+    world = distributed.init_world(options.device, options.dist_timeout)
+    console_logging(rank=None if world is None else world.rank)
+    if world is None:
+        return _train_and_evaluate(args, cfg, options, None)
+    try:
+        return _train_and_evaluate(args, cfg, options, world)
+    except distributed.FollowerStop:
+        return EXIT_BAD_INPUT  # rank 0 reported the problem
+    except MloraError as err:
+        if world.leader:
+            raise
+        print(f"error: rank {world.rank}: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:  # noqa: BLE001 -- name this rank; the launcher ends the others
+        if distributed.peer_lost(err):
+            message = distributed.lost_contact(world, err)
+        else:
+            import traceback
+
+            traceback.print_exc()
+            message = f"rank {world.rank}: {type(err).__name__}: {err}"
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_TRAIN_FAILED
+    finally:
+        distributed.close_world(world)
+
+
+def _train_and_evaluate(args: argparse.Namespace, cfg: RunConfig, options, world) -> int:
+    """`run` after validation: train in the output folder (rank 0 holds its lock), print the
+    summary, score the finished adapters (each rank its share of the forwards)."""
+    from mlora.evaluate import Shard, evaluate_trained
+    from mlora.train import distributed, run_training
+
+    leader = world is None or world.leader
+    with distributed.opened_folder(options.output_dir, world) as folder:  # one command in the folder at a time
+        summary = run_training(cfg, options, folder, world)
+        if leader:
+            for line in summary.lines():
+                print(line)
         if summary.interrupted:
             return summary.stop_status()
         failed = [a.name for a in summary.adapters.values() if a.status == "failed"]
         status = EXIT_TRAIN_FAILED if failed else EXIT_OK
+        shard = None if world is None else Shard(world.rank, world.size, lockstep=options.fsdp)
         try:
-            evaluate_trained(summary, cfg, args.base_model, folder=folder)
+            evaluate_trained(summary, cfg, args.base_model, folder=folder, shard=shard)
         except MloraError as err:
-            print(f"error: evaluation: {err} (the trained adapters are saved in {summary.output_dir}; once this is "
-                  "fixed, score them with `python launch.py evaluate`)", file=sys.stderr)  # fmt: skip
+            if leader:
+                print(f"error: evaluation: {err} (the trained adapters are saved in {summary.output_dir}; once this "
+                      "is fixed, score them with `python launch.py evaluate`)", file=sys.stderr)  # fmt: skip
             return status or EXIT_BAD_INPUT
     return status
 
@@ -303,6 +351,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="Replace existing adapter folders in --output_dir.")
     p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
     p.add_argument("--attn_impl", help="Attention implementation: eager, sdpa or flash_attention_2 (default: the model's).")
+    p.add_argument("--fsdp", action="store_true", help="Under torchrun: shard the frozen base over the processes "
+                   "(FSDP2, one unit per decoder layer); parallelism 'data' only.")  # fmt: skip
+    p.add_argument("--dist_timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="Under torchrun: how long a process waits for the others in any collective before the run "
+                   "stops with an error naming it (default: 1800).")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

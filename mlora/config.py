@@ -312,6 +312,10 @@ class RunConfig:
         "optim", "'optim': the dispatcher picks which candidates share a batch to keep it full; 'none': config order."
     )
     eval_lora_simultaneously_num: int = _f(2, "Adapters sharing one evaluation batch.", ge=1)
+    parallelism: Literal["data", "adapter"] = _f(
+        "data", "Over several processes (torchrun): 'data' splits every adapter's batch across them; 'adapter' "
+        "gives each process its own adapters."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, list):

@@ -13,7 +13,7 @@ model, are scored in shared batched forwards where an item's choices share their
     save_results(results, "output")   # output/eval_results.json and .csv
 """
 
-from mlora.evaluate.batched import BASE, EvalSpec, adapter_spec, base_spec, evaluate, evaluate_adapters
+from mlora.evaluate.batched import BASE, EvalSpec, Shard, adapter_spec, base_spec, evaluate, evaluate_adapters
 from mlora.evaluate.protocols import EvaluationError, continuation_length, score_choice, score_loglikelihood
 from mlora.evaluate.results import RESULTS_STEM, EvalResults, TaskResult, format_table, save_results
 from mlora.evaluate.run import evaluate_run, evaluate_saved, evaluate_trained, plan_evaluation, results_stem
@@ -24,6 +24,7 @@ __all__ = [
     "EvalResults",
     "EvalSpec",
     "EvaluationError",
+    "Shard",
     "TaskResult",
     "adapter_spec",
     "base_spec",

@@ -12,6 +12,10 @@ left (the default) so that every position a score is read at sits in the last co
 the LM head runs on those columns only (``logits_to_keep``), not on every position. With
 explicit positions the padding side does not change a score.
 
+Over several processes (a torchrun launch), `Shard` deals the forwards out to the ranks and
+gathers every score back, so each rank ends with the same results a single process computes
+(the same rows in the same forwards, hence the same scores).
+
 ``share_context=False`` keeps the earlier plain layout: one row per choice, no explicit
 positions, logits at every position. It is slower and serves as the reference the shared
 layout is checked and timed against (`bench/eval_throughput.py`).
@@ -42,6 +46,27 @@ from mlora.evaluate.results import EvalResults, TaskResult
 from mlora.model.context import BatchLayout
 
 BASE = "base"  # the name under which the bare base model is scored
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of an evaluation over the ranks of a process group.
+
+    Rank r runs forwards r, r + size, ...; the scores are then all-gathered (torch.distributed's
+    default group). `lockstep`: every rank runs the same number of forwards, repeating one
+    whose scores it drops (a base sharded with FSDP needs every rank in every forward).
+    """
+
+    rank: int
+    size: int
+    lockstep: bool = False
+
+    def forwards(self, total: int) -> list[int | None]:
+        """The indices of the forwards this rank runs (None: a repeated one, scores dropped)."""
+        mine: list[int | None] = list(range(self.rank, total, self.size))
+        if self.lockstep:
+            mine += [None] * (-(-total // self.size) - len(mine))
+        return mine
 
 
 # ------------------------------------------------------------------------------- what to score
@@ -291,7 +316,8 @@ def _prepare(model, tokenizer, specs: Sequence[EvalSpec], split: str, limit: int
 
 def evaluate(model, tokenizer, specs: Sequence[EvalSpec], *, simultaneous: int = 1, limit: int | None = None,
              split: str = "eval", padding_side: str = "left", max_length: int | None = None,
-             model_name: str | None = None, progress: bool = False, share_context: bool = True) -> EvalResults:
+             model_name: str | None = None, progress: bool = False, share_context: bool = True,
+             shard: Shard | None = None) -> EvalResults:
     """Score every spec on each of its tasks in shared batched forwards.
 
     Args:
@@ -310,6 +336,7 @@ def evaluate(model, tokenizer, specs: Sequence[EvalSpec], *, simultaneous: int =
         share_context: score the choices of an item in one row that holds their shared
             context once, and run the head at the read positions only (see the module
             docstring); False: the plain reference layout, one row per choice.
+        shard: this rank's part when several processes share the work (None: all of it).
     Returns:
         `EvalResults` with one `TaskResult` per (spec, task), in order.
     Raises:
@@ -329,28 +356,40 @@ def evaluate(model, tokenizer, specs: Sequence[EvalSpec], *, simultaneous: int =
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     forwards = list(_schedule(queues, simultaneous))
-    bar = _progress_bar(len(forwards), progress)
-    letter_sequences: set[tuple[int, int]] = set()  # choice items whose letters are several tokens
+    order = shard.forwards(len(forwards)) if shard is not None else list(range(len(forwards)))
+    bar = _progress_bar(len(order), progress and (shard is None or shard.rank == 0))
+    scored: list[tuple[int, int, int | None, list[float]]] = []  # (owner, item, choice or None, scores)
     was_training = model.training
     model.eval()  # no dropout, no router jitter; restored for a caller that is training
     try:
         with torch.no_grad():
             windowed = _sliding_window(model) is not None
-            for forward in forwards:
+            for index in order:
+                forward = forwards[index if index is not None else 0]
                 for group in _forwards_of([(specs[i], rows) for i, rows in forward], windowed):
                     for row, read, scores in _run_batch(model, group, pad_id, padding_side, device, not share_context):
-                        if row.kind == "labels":
-                            results[row.owner].scores[row.item] = scores
-                        else:
-                            results[row.owner].scores[row.item][read.choice] = scores[0]
-                            if results[row.owner].protocol == "choice":
-                                letter_sequences.add((row.owner, row.item))
+                        if index is not None:
+                            scored.append((row.owner, row.item, None if row.kind == "labels" else read.choice, scores))
                 if bar is not None:
                     bar.update(1)
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
+    if shard is not None:
+        import torch.distributed as dist
+
+        gathered: list = [None] * shard.size
+        dist.all_gather_object(gathered, scored)
+        scored = [entry for part in gathered for entry in part]
+    letter_sequences: set[tuple[int, int]] = set()  # choice items whose letters are several tokens
+    for owner, item, choice, scores in scored:
+        if choice is None:
+            results[owner].scores[item] = scores
+        else:
+            results[owner].scores[item][choice] = scores[0]
+            if results[owner].protocol == "choice":
+                letter_sequences.add((owner, item))
     for owner, index in letter_sequences:  # restrict the letters' log-likelihoods to the item's letters
         results[owner].scores[index] = torch.log_softmax(torch.tensor(results[owner].scores[index]), -1).tolist()
     return EvalResults(results, model_name, split, limit, padding_side, time.perf_counter() - start)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mlora.data import BENCHMARK_TASKS
-from mlora.evaluate.batched import BASE, adapter_spec, base_spec, evaluate
+from mlora.evaluate.batched import BASE, Shard, adapter_spec, base_spec, evaluate
 from mlora.evaluate.protocols import EvaluationError
 from mlora.evaluate.results import RESULTS_STEM, EvalResults, format_table, save_results
 from mlora.run_folder import RunFolder, open_run_folder
@@ -71,7 +71,7 @@ def plan_evaluation(run_config, output_dir, adapters: Sequence[str] | None = Non
 def evaluate_run(model, tokenizer, run_config, output_dir, base_model_name: str | None = None, *,
                  adapters: Sequence[str] | None = None, protocol: str | None = None, limit: int | None = None,
                  require_tasks: bool = True, stem: str | None = None, progress: bool = True,
-                 echo=print, folder: RunFolder | None = None) -> EvalResults | None:
+                 echo=print, folder: RunFolder | None = None, shard: Shard | None = None) -> EvalResults | None:
     """Score the saved adapters of a run, print the table and save it into ``output_dir/_mlora/``.
 
     This is what `launch.py run` calls after training and what `launch.py evaluate` runs.
@@ -93,6 +93,8 @@ def evaluate_run(model, tokenizer, run_config, output_dir, base_model_name: str 
         progress: show a progress bar.
         echo: where the table and file names are printed.
         folder: `output_dir` opened by the caller (`open_run_folder`); None opens it to save.
+        shard: this rank's part of the scoring over several processes (`Shard`); every rank
+            gets every score, rank 0 alone prints and saves.
     Returns:
         The `EvalResults`, or None when there was nothing to score (``require_tasks=False``).
     """
@@ -112,12 +114,14 @@ def evaluate_run(model, tokenizer, run_config, output_dir, base_model_name: str 
         if base_from is not None:
             specs.append(base_spec(base_from, protocol))
         results = evaluate(model, tokenizer, specs, simultaneous=run_config.eval_lora_simultaneously_num,
-                           limit=limit, model_name=base_model_name, progress=progress)
+                           limit=limit, model_name=base_model_name, progress=progress, shard=shard)
     finally:
         for name in loaded:
             model.remove_adapter(name)
     if stem is None:
         stem = results_stem(adapters[0] if adapters is not None and len(adapters) == 1 else None, protocol, limit)
+    if shard is not None and shard.rank != 0:
+        return results  # rank 0 writes and prints
     with contextlib.nullcontext(folder) if folder is not None else open_run_folder(output_dir) as opened:
         for suffix in (".json", ".csv"):
             opened.check_replaceable(opened.meta / f"{stem}{suffix}")
@@ -159,14 +163,16 @@ def evaluate_saved(base_model: str, run_config, output_dir, *, adapters: Sequenc
 
 
 def evaluate_trained(summary, run_config, base_model_name: str | None, echo=print,
-                     folder: RunFolder | None = None) -> EvalResults | None:
+                     folder: RunFolder | None = None, shard: Shard | None = None) -> EvalResults | None:
     """`launch.py run`, after training: score every adapter that finished (now or in an
     earlier run) and has a benchmark task, on the model and tokenizer training used.
 
-    `summary` is the trainer's `TrainSummary`; returns None when nothing was scored.
+    `summary` is the trainer's `TrainSummary`; `shard` this rank's part over several
+    processes. Returns None when nothing was scored.
     """
     done = [a.name for a in summary.adapters.values() if a.status in ("finished", "done-before")]
     if not done or summary.model is None:
         return None
     return evaluate_run(summary.model, summary.tokenizer, run_config, summary.output_dir, base_model_name,
-                        adapters=done, require_tasks=False, echo=echo, stem=RESULTS_STEM, folder=folder)
+                        adapters=done, require_tasks=False, echo=echo, stem=RESULTS_STEM, folder=folder,
+                        shard=shard)

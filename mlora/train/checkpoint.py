@@ -135,20 +135,39 @@ def latest_intact(folder: RunFolder) -> Path | None:
     return None
 
 
+def checkpoint_dir(folder: RunFolder, step: int) -> Path:
+    """Where the checkpoint after global step `step` goes."""
+    return folder.checkpoints / f"step-{step:08d}"
+
+
+def _write_adapter_files(model, name: str, target: Path, base_model: str | None,
+                         files: dict[str, dict[str, bytes]] | None) -> None:
+    """Adapter `name` into `target`: saved from `model`, or, for an adapter another process
+    trained (``files[name]``: relative path -> contents), its files as that process wrote them."""
+    if files is None or name not in files:
+        save_adapter(model, name, target, base_model)
+        return
+    for rel, data in files[name].items():
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        (target / rel).write_bytes(data)
+
+
 def write_checkpoint(folder: RunFolder, step: int, run_state: dict, model, states: dict[str, dict],
-                     base_model: str | None) -> Path:
+                     base_model: str | None, files: dict[str, dict[str, bytes]] | None = None) -> Path:
     """Write one run checkpoint atomically and keep only the latest `KEEP_CHECKPOINTS` intact ones.
 
     Args:
         step: global steps done; names the folder.
         run_state: JSON-ready run state (dispatcher, finished, failed, seed, ...).
-        model: the `MultiAdapterModel` holding every adapter in `states`.
+        model: the `MultiAdapterModel` holding every adapter in `states` not in `files`.
         states: adapter name -> its trainer state (tensors and plain values; see `AdapterRun`).
+        files: adapter name -> its adapter files (relative path -> bytes) for adapters that
+            live in another process (``parallelism: adapter``).
     """
-    target = folder.checkpoints / f"step-{step:08d}"
+    target = checkpoint_dir(folder, step)
     with folder.replace_dir(target) as tmp:
         for name, state in states.items():
-            save_adapter(model, name, tmp / name, base_model)
+            _write_adapter_files(model, name, tmp / name, base_model, files)
             torch.save(state, tmp / name / TRAINER_STATE)
         (tmp / RUN_STATE).write_text(json.dumps(run_state, indent=2) + "\n", encoding="utf-8")
         _write_manifest(tmp)  # last: a checkpoint is intact only once its manifest is in it
@@ -193,11 +212,13 @@ def is_finished_adapter(folder: RunFolder, name: str) -> bool:
     return (path / "adapter_config.json").is_file() and folder.owns(path)
 
 
-def write_final_adapter(folder: RunFolder, model, name: str, base_model: str | None, info: dict) -> Path:
-    """Save adapter `name` to ``<root>/<name>/`` atomically, with `info` as `TRAINING_INFO`."""
+def write_final_adapter(folder: RunFolder, model, name: str, base_model: str | None, info: dict,
+                        files: dict[str, bytes] | None = None) -> Path:
+    """Save adapter `name` to ``<root>/<name>/`` atomically, with `info` as `TRAINING_INFO`;
+    `files` (relative path -> bytes) instead of `model` for an adapter trained in another process."""
     target = folder.adapter(name)
     with folder.replace_dir(target) as tmp:
-        save_adapter(model, name, tmp, base_model)
+        _write_adapter_files(model, name, tmp, base_model, None if files is None else {name: files})
         (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return target
 
@@ -226,6 +247,8 @@ class Resume:
         failed: adapters the earlier run stopped (name -> why); not trained again.
         positions: each restored adapter's data position (for the progress bar).
         dispatcher: the checkpoint's dispatcher state (None for a fresh run).
+        distributed: how the checkpoint's run was spread over processes (``parallelism``,
+            ``world_size``, per-rank state; `mlora.train.parallel`); None for one process.
     """
 
     checkpoint: Path | None
@@ -236,6 +259,7 @@ class Resume:
     failed: dict[str, str] = field(default_factory=dict)
     positions: dict[str, dict] = field(default_factory=dict)
     dispatcher: dict | None = None
+    distributed: dict | None = None
 
     def todo(self, config: RunConfig) -> list[LoraConfig]:
         """The adapters of `config` this run trains (restored ones included), in config order."""
@@ -288,7 +312,7 @@ def plan_resume(config: RunConfig, options: TrainOptions, folder: RunFolder, run
                          "longer lists; resume with the config the run was started with")
     logger.info("resuming from %s (global step %d)", checkpoint, state["dispatcher"]["step"])
     return Resume(checkpoint, state["seed"], state["run_id"], restore, (saved | set(state["finished"])) - restore,
-                  dict(state["failed"]), state["positions"], state["dispatcher"])
+                  dict(state["failed"]), state["positions"], state["dispatcher"], state.get("distributed"))
 
 
 def restore_adapter(model: MultiAdapterModel, resume: Resume, cfg: LoraConfig) -> dict:

@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 # Beyond this many candidate subsets, `optim` picks greedily by length instead of exhaustively.
 _MAX_SUBSETS = 5000
 
+# Step time per token against LoRA's, for `adapter_cost`: MixLoRA 1.15x (docs/benchmarks.md, the
+# medium shape in fp32); DoRA's per-step weight norms are not measured yet, 1.3x is an estimate.
+METHOD_COST = {"lora": 1.0, "dora": 1.3, "mixlora": 1.15, "mixdora": 1.45}
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -119,3 +123,12 @@ def _least_padding(anchor: Candidate, others: list[Candidate], k: int) -> list[C
         best = min(itertools.combinations(others, k), key=lambda s: padding_cost([anchor, *s]))
         return list(best)
     return sorted(others, key=lambda c: abs(c.max_len - anchor.max_len))[:k]
+
+
+def adapter_cost(cfg, prepared) -> float:
+    """The estimated training work of one adapter: tokens over all its epochs x its method's
+    step cost per token (`METHOD_COST`). Balances adapters across processes (``parallelism:
+    adapter``); a relative figure, not seconds."""
+    method = ("mix" if cfg.is_moe else "") + ("dora" if cfg.use_dora else "lora")
+    tokens = sum(len(e.input_ids) for e in prepared.examples)
+    return float(tokens * cfg.num_epochs * METHOD_COST[method])

@@ -86,14 +86,17 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def console_logging() -> None:
-    """Show mlora's INFO messages on stderr, once; other libraries' loggers are left alone."""
+def console_logging(rank: int | None = None) -> None:
+    """Show mlora's INFO messages on stderr, once; other libraries' loggers are left alone.
+
+    `rank`: in a multi-process run, ranks other than 0 show warnings and errors only, each
+    line prefixed with ``[rank N]`` (rank 0 tells the story once)."""
     package = logging.getLogger("mlora")
     if not any(isinstance(h, _StderrHandler) for h in package.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(logging.Formatter("%(message)s" if not rank else f"[rank {rank}] %(message)s"))
         package.addHandler(handler)
-    package.setLevel(logging.INFO)
+    package.setLevel(logging.INFO if not rank else logging.WARNING)
 
 
 def _tensorboard_writer(folder: Path):

@@ -38,6 +38,10 @@ class TrainOptions:
         stop_after_steps: stop after this many global steps as if interrupted (checkpoint
             written); for time-boxed runs and tests.
         progress: show the tqdm bar.
+        fsdp: shard the frozen base over the processes of a torchrun launch (FSDP2
+            ``fully_shard`` per decoder layer); ``parallelism: data`` only.
+        dist_timeout: seconds any collective of a multi-process run waits for the others
+            before the run stops with an error naming the rank.
     """
 
     base_model: str
@@ -52,6 +56,8 @@ class TrainOptions:
     attn_impl: str | None = None
     progress: bool = True
     stop_after_steps: int | None = None
+    fsdp: bool = False
+    dist_timeout: float = 1800.0
 
     def __post_init__(self):
         self.output_dir = Path(self.output_dir)

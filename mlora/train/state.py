@@ -69,7 +69,11 @@ class AdapterRun:
 
     def next_examples(self) -> list:
         """The tokenized examples of the next micro-batch."""
-        return [self.data.examples[i] for i in self.data.micro_indices(self.position)]
+        return self.examples_at(self.position)
+
+    def examples_at(self, pos: Position) -> list:
+        """The tokenized examples of the micro-batch at `pos`."""
+        return [self.data.examples[i] for i in self.data.micro_indices(pos)]
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -44,8 +44,9 @@ from mlora.data import IGNORE_INDEX
 from mlora.kernels.cross_entropy import token_cross_entropy
 from mlora.model.adapted import MultiAdapterModel
 from mlora.model.loading import load_base_model
-from mlora.run_folder import RunFolder, open_run_folder
+from mlora.run_folder import RunFolder
 from mlora.train import checkpoint as ckpt
+from mlora.train import distributed, parallel
 from mlora.train.data import (
     AdapterData,
     Position,
@@ -59,7 +60,7 @@ from mlora.train.data import (
     tokenize,
 )
 from mlora.train.dispatcher import Candidate, Dispatcher
-from mlora.train.metrics import MetricsLog, Progress, memory_gb, tensorboard_available
+from mlora.train.metrics import Progress, memory_gb
 from mlora.train.setup import (
     TrainOptions,
     check_adapters,
@@ -144,7 +145,8 @@ class Run:
     """Everything `fit` works on: the model, the config, and the state of every adapter.
 
     `resume` says what the run started from; its ``restore`` set shrinks as each restored
-    adapter is put back (`activate`).
+    adapter is put back (`activate`). `parallel` spreads the steps over processes (one
+    process: `parallel.Parallel`, which communicates nothing).
     """
 
     config: RunConfig
@@ -157,6 +159,7 @@ class Run:
     fp16: bool
     prepared: dict[str, Prepared]
     dispatcher: Dispatcher
+    parallel: parallel.Parallel = field(default_factory=parallel.Parallel)
     active: dict[str, AdapterRun] = field(default_factory=dict)
     finished: dict[str, AdapterSummary] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
@@ -185,64 +188,41 @@ def fit(run: Run, progress: Progress) -> bool:
     """Train until every adapter is done or a stop is requested (SIGINT, SIGTERM, ``stop_after_steps``).
 
     Returns True when stopped early (a resumable checkpoint has been written; `run.stop_signal`
-    says which signal, if any, asked for it).
+    says which signal, if any, asked for it). Over several processes the hooks of
+    `run.parallel` deal the data out and make gradients, flags and files agree (`mlora.train.parallel`).
     """
-    config, options = run.config, run.options
-    with _interrupt_guard() as interrupt:
+    config, options, par = run.config, run.options, run.parallel
+    with _interrupt_guard(par.world is not None) as interrupt:
         while True:
             run.dispatcher.to_load(config.train_lora_candidate_num)
             for name in run.dispatcher.active:  # newly loaded, or restored from the checkpoint
                 if name not in run.active:
                     run.active[name] = activate(run, name)
-            if not run.active:
+            stop, idle = par.agree_step(interrupt.signal, busy=bool(run.active))
+            if idle:
                 return False
-            if interrupt.signal is not None or (options.stop_after_steps is not None
-                                                and run.dispatcher.step >= options.stop_after_steps):
-                run.stop_signal = interrupt.signal
+            if stop is not None or (options.stop_after_steps is not None
+                                    and run.dispatcher.step >= options.stop_after_steps):
+                run.stop_signal = stop
                 save_checkpoint(run)
                 return True
 
             tic = time.perf_counter()
-            candidates = []
-            for name in run.dispatcher.active:
-                examples = run.active[name].next_examples()
-                candidates.append(Candidate(name, len(examples), max(len(e.input_ids) for e in examples)))
-            chosen = run.dispatcher.choose(candidates, config.train_lora_simultaneously_num, config.train_strategy)
-            batch = collate_mixed([(n, run.active[n].next_examples(), run.active[n].cfg.expand_side) for n in chosen],
-                                  run.pad_id)
-            labels = batch.labels.to(run.device)
-
-            torch.manual_seed(step_seed(run.seed, run.dispatcher.step))
-            # Each adapter draws its dropout masks and router jitter from its own stream, seeded by
-            # its own data position: the same whichever adapters share the batch, and on resume.
-            batch.layout.generators = {n: adapter_generator(run.active[n], run.device) for n in chosen}
-            out = run.model(batch.input_ids.to(run.device), batch.attention_mask.to(run.device), batch.layout)
-            losses = token_losses(out.logits, labels)
-            total = None
-            for seg in batch.layout.segments:
-                ar = run.active[seg.name]
-                rows = slice(seg.start, seg.end)
-                ar.accum_tokens += int(batch.attention_mask[rows].sum())
-                if ar.accum_bad:
-                    continue  # this batch's step is skipped anyway
-                loss, aux = adapter_loss(ar, losses[rows], out.router_logits.get(seg.name), seg.end - seg.start)
-                if not bool(torch.isfinite(loss + aux)):
-                    ar.accum_bad = True  # left out of the backward; its step will be skipped
-                    continue
-                ar.accum_loss += loss.item()
-                ar.accum_aux += aux.item()
-                term = ar.scaler.scale(loss + aux)
-                total = term if total is None else total + term
-            if total is not None and total.requires_grad:
-                total.backward()
-            del out, total
+            chosen = choose_adapters(run)
+            shares = {name: par.share(run.active[name]) for name in chosen}
+            completing = [run.active[name] for name in chosen if shares[name].completes]
+            tokens = sum(len(e.input_ids) for name, sh in shares.items() for pos in sh.positions
+                         for e in run.active[name].examples_at(pos))  # every rank's micro-batches
+            par.before_backward(completing)
+            forward_backward(run, shares)
+            par.after_backward(completing)
 
             checkpoint_due = False
             for name in chosen:
                 ar = run.active[name]
                 epoch = ar.position.epoch
-                ar.position, batch_done = ar.data.advance(ar.position)
-                if not batch_done:
+                ar.position = shares[name].after
+                if not shares[name].completes:
                     continue
                 optimizer_step(ar, epoch)
                 progress.adapter(name, ar.last_loss if ar.last_loss is not None else float("nan"), ar.lr())
@@ -259,15 +239,85 @@ def fit(run: Run, progress: Progress) -> bool:
                     # The queue changed: checkpoint so a resume rebuilds the same later batches.
                     checkpoint_due |= config.save_step > 0
             run.dispatcher.record(chosen)
+            micro_batches = sum(len(sh.positions) for sh in shares.values())
+            end = par.end_step(run, checkpoint_due, micro_batches, tokens, progress)
             elapsed = time.perf_counter() - tic
-            progress.update(len(chosen), batch.tokens / max(elapsed, 1e-9), memory_gb(run.device))
-            if checkpoint_due and (run.active or run.dispatcher.waiting):
+            progress.update(end.micro_batches, end.tokens / max(elapsed, 1e-9), memory_gb(run.device))
+            if end.checkpoint_due and end.left:
                 save_checkpoint(run)
 
 
-def adapter_generator(ar: AdapterRun, device: torch.device) -> torch.Generator:
-    """The random stream of one adapter's micro-batch, a function of (adapter seed, data position)."""
-    pos = ar.position
+def choose_adapters(run: Run) -> list[str]:
+    """The adapters of the next step (the dispatcher's choice among the active ones), in row order."""
+    if not run.active:
+        return []  # adapter parallelism: this rank is done, the others are not
+    candidates = []
+    for name in run.dispatcher.active:
+        examples = run.active[name].next_examples()
+        candidates.append(Candidate(name, len(examples), max(len(e.input_ids) for e in examples)))
+    return run.dispatcher.choose(candidates, run.config.train_lora_simultaneously_num, run.config.train_strategy)
+
+
+def forward_backward(run: Run, shares: dict) -> None:
+    """One forward of the shared base over this rank's micro-batch of each chosen adapter, the
+    adapters' losses accumulated, one backward."""
+    mine = {name: sh.mine for name, sh in shares.items() if sh.mine is not None}
+    if not mine:
+        if run.parallel.fsdp and shares:
+            _idle_pass(run, shares)  # the sharded base's collectives need every rank's forward
+        return
+    batch = collate_mixed([(n, run.active[n].examples_at(pos), run.active[n].cfg.expand_side)
+                           for n, pos in mine.items()], run.pad_id)
+    labels = batch.labels.to(run.device)
+
+    torch.manual_seed(step_seed(run.seed, run.dispatcher.step))
+    # Each adapter draws its dropout masks and router jitter from its own stream, seeded by
+    # its own data position: the same whichever adapters share the batch, and on resume.
+    layout = dataclasses.replace(batch.layout, generators={n: adapter_generator(run.active[n], pos, run.device)
+                                                           for n, pos in mine.items()})
+    out = run.model(batch.input_ids.to(run.device), batch.attention_mask.to(run.device), layout)
+    losses = token_losses(out.logits, labels)
+    total = None
+    for seg in layout.segments:
+        ar = run.active[seg.name]
+        rows = slice(seg.start, seg.end)
+        ar.accum_tokens += int(batch.attention_mask[rows].sum())
+        if ar.accum_bad:
+            continue  # this batch's step is skipped anyway
+        loss, aux = adapter_loss(ar, losses[rows], out.router_logits.get(seg.name), seg.end - seg.start)
+        if not bool(torch.isfinite(loss + aux)):
+            ar.accum_bad = True  # left out of the backward; its step will be skipped
+            continue
+        ar.accum_loss += loss.item()
+        ar.accum_aux += aux.item()
+        term = ar.scaler.scale(loss + aux)
+        total = term if total is None else total + term
+    if total is None and run.parallel.fsdp:
+        total = _zero_term(out.logits)  # every rank runs backward through the sharded base
+    if total is not None and total.requires_grad:
+        total.backward()
+
+
+def _idle_pass(run: Run, shares: dict) -> None:
+    """A rank with no micro-batch in this step still runs a forward and backward through the
+    sharded base (FSDP all-gathers its layers then, and every rank must take part): over the
+    first chosen adapter's first micro-batch of the step, with a loss of exactly zero."""
+    name, sh = next(iter(shares.items()))
+    batch = collate_mixed([(name, run.active[name].examples_at(sh.positions[0]), run.active[name].cfg.expand_side)],
+                          run.pad_id)
+    layout = dataclasses.replace(batch.layout, generators={name: torch.Generator(device=run.device).manual_seed(0)})
+    out = run.model(batch.input_ids.to(run.device), batch.attention_mask.to(run.device), layout)
+    _zero_term(out.logits).backward()
+
+
+def _zero_term(logits: torch.Tensor) -> torch.Tensor:
+    # Zero times the finite logits: a backward through every layer that adds exactly 0 to each
+    # gradient (a non-finite logit would turn 0 * x into NaN).
+    return torch.where(torch.isfinite(logits), logits, 0).sum() * 0.0
+
+
+def adapter_generator(ar: AdapterRun, pos: Position, device: torch.device) -> torch.Generator:
+    """The random stream of one adapter's micro-batch at `pos`, a function of (adapter seed, data position)."""
     return torch.Generator(device=device).manual_seed(mix_seed(ar.seed, "dropout", pos.epoch, pos.batch, pos.micro))
 
 
@@ -361,7 +411,7 @@ def score_adapter(run: Run, ar: AdapterRun) -> None:
     if spec is None or ar.name in run.no_scoring:
         return  # instruction data has no benchmark split to score
     try:
-        results = evaluate(run.model, run.tokenizer, [spec])
+        results = evaluate(run.model, run.tokenizer, [spec], shard=run.parallel.scoring_shard())
     except Exception as err:  # noqa: BLE001 -- a scoring problem must not end the training run
         run.no_scoring.add(ar.name)
         logger.warning("%s: evaluation at step %d failed, no more evaluation during training: %s",
@@ -385,15 +435,12 @@ def activate(run: Run, name: str) -> AdapterRun:
     else:
         run.model.add_adapter(cfg, seed=seed)
     # A resumed adapter keeps its log up to the checkpoint; a fresh one starts a new log.
-    tensorboard = run.folder.tensorboard / name if tensorboard_available() else None
-    metrics = MetricsLog(run.folder.logs / f"{name}.jsonl", tensorboard, keep_until=state["step"] if restoring else None)
-    for path in (metrics.path, tensorboard):
-        if path is not None:
-            run.folder.created(path, growing=True)  # appended to step by step
+    metrics = run.parallel.metrics_log(run.folder, name, state["step"] if restoring else None)
     ar = AdapterRun.create(cfg, seed, run.prepared[name], run.model.adapter_parameters(name), run.fp16, metrics)
     if restoring:
-        ar.load_state_dict(state)
+        ar.load_state_dict(run.parallel.local_state(state))
         run.resume.restore.discard(name)
+    run.parallel.activated(ar)
     logger.info("%s: training %d examples, %d optimizer steps (%s)%s", name, len(ar.data.examples),
                 ar.data.total_steps, cfg.task_name, f", resumed at step {ar.step}" if restoring else "")
     return ar
@@ -404,7 +451,7 @@ def finish_adapter(run: Run, ar: AdapterRun) -> None:
     info = {"run_id": run.run_id, "base_model": run.options.base_model, "seed": run.seed, "steps": ar.step,
             "epochs": ar.cfg.num_epochs, "examples": len(ar.data.examples),
             "truncated": ar.prepared.num_truncated, "final_loss": ar.last_loss}
-    folder = ckpt.write_final_adapter(run.folder, run.model, ar.name, run.options.base_model, info)
+    folder = run.parallel.write_final(run, ar.name, info)
     logger.info("%s: finished after %d steps (last loss %s); saved to %s", ar.name, ar.step,
                 "n/a" if ar.last_loss is None else f"{ar.last_loss:.4f}", folder)
     run.finished[ar.name] = AdapterSummary(ar.name, "finished", folder, ar.step, ar.last_loss, ar.metrics.path)
@@ -421,6 +468,7 @@ def stop_adapter(run: Run, ar: AdapterRun, message: str) -> None:
 
 def _unload(run: Run, ar: AdapterRun) -> None:
     ar.metrics.close()
+    run.parallel.unloaded(ar.name)
     run.model.remove_adapter(ar.name)
     run.dispatcher.retire(ar.name)
     del run.active[ar.name]
@@ -433,7 +481,7 @@ def save_checkpoint(run: Run) -> Path:
              "finished": sorted(run.finished), "failed": dict(run.failed),
              "positions": {name: dataclasses.asdict(ar.position) for name, ar in run.active.items()}}
     states = {name: ar.state_dict() for name, ar in run.active.items()}
-    path = ckpt.write_checkpoint(run.folder, run.dispatcher.step, state, run.model, states, run.options.base_model)
+    path = run.parallel.write_checkpoint(run, state, states)
     run.last_checkpoint = path
     logger.info("checkpoint: %s", path)
     return path
@@ -442,13 +490,20 @@ def save_checkpoint(run: Run) -> Path:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+# torchrun passes the Ctrl-C its terminal sent to every process on to them again: a second
+# signal this soon after the first is that copy, not a request to abort.
+RELAYED_SIGNAL_S = 2.0
+
+
 @contextlib.contextmanager
-def _interrupt_guard():
+def _interrupt_guard(launched: bool = False):
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler preempting the job): finish the step and
-    checkpoint; `signal` holds the first one received. A second signal aborts at once."""
+    checkpoint; `signal` holds the first one received. A second signal aborts at once (under
+    torchrun: one more than `RELAYED_SIGNAL_S` after the first; `launched`)."""
 
     class Flag:
         signal: int | None = None
+        at: float = 0.0
 
     flag = Flag()
     if threading.current_thread() is not threading.main_thread():
@@ -458,8 +513,10 @@ def _interrupt_guard():
 
     def handler(signum, frame):
         if flag.signal is not None:
+            if launched and time.monotonic() - flag.at < RELAYED_SIGNAL_S:
+                return
             raise KeyboardInterrupt
-        flag.signal = signum
+        flag.signal, flag.at = signum, time.monotonic()
         logger.warning("%s: finishing this step and saving a checkpoint (a second signal aborts without saving)",
                        signal.Signals(signum).name)
 
@@ -472,7 +529,8 @@ def _interrupt_guard():
             signal.signal(sig, old)
 
 
-def run_training(config: RunConfig, options: TrainOptions, folder: RunFolder | None = None) -> TrainSummary:
+def run_training(config: RunConfig, options: TrainOptions, folder: RunFolder | None = None,
+                 world: distributed.World | None = None) -> TrainSummary:
     """Train every adapter of a `RunConfig`, save each to ``output_dir/<name>/``.
 
     The recipe: plan (what the output folder and ``--resume`` / ``--overwrite`` allow), data,
@@ -482,29 +540,53 @@ def run_training(config: RunConfig, options: TrainOptions, folder: RunFolder | N
     `DataError`, `ModelLoadError`, `AdapterError`) before any step runs, and before
     ``--overwrite`` removes anything.
 
+    Over several processes (`world`, from torchrun) every rank runs this same recipe; rank 0
+    alone reads the folder's state (`plan_resume`, broadcast to the others) and writes, and a
+    problem found on any rank before training stops all of them with one message.
+
     Args:
         folder: ``options.output_dir`` opened with `open_run_folder` by a caller that goes on
-            using it (evaluation); None opens and locks it for this call.
+            using it (evaluation), or with `distributed.opened_folder` over several processes;
+            None opens and locks it for this call.
+        world: the process group torchrun started (`distributed.init_world`); None: one process.
     Returns:
         A `TrainSummary`; ``interrupted`` is True when stopped early with a checkpoint.
     """
     if folder is None:
-        with open_run_folder(options.output_dir) as opened:
-            return run_training(config, options, opened)
+        with distributed.opened_folder(options.output_dir, world) as opened:
+            return run_training(config, options, opened, world)
     start = time.perf_counter()
-    resume = ckpt.plan_resume(config, options, folder, run_id=uuid.uuid4().hex)
+    options = dataclasses.replace(options, device=distributed.rank_device(options.device, world))
+    resume = distributed.on_leader(world, lambda: _plan(config, options, folder, world))
     todo = resume.todo(config)
-    raw = _setup_data(todo, resume.seed)
-    model, tokenizer, device, dtype = _setup_model(options, todo, resume.seed)
-    prepared = _tokenize(todo, raw, tokenizer, config.cutoff_len)
-    if options.overwrite:  # only now, with data, model and adapters checked: nothing is lost to a typo
+    model, tokenizer, device, dtype, prepared = distributed.agree(
+        world, lambda: _setup(config, options, todo, resume.seed, world))
+    if options.overwrite and (world is None or world.leader):  # only now, with data, model and adapters checked
         _remove_earlier_outputs(config, folder)
+    par = parallel.make_parallel(config, world, options.fsdp, resume, todo, prepared)
     run = Run(config, options, folder, resume, model, tokenizer, device, dtype == torch.float16, prepared,
-              _setup_dispatcher(resume, todo), failed=dict(resume.failed))
+              par.dispatcher(resume, todo), par, failed=dict(resume.failed))
     interrupted = _train(run, todo)
-    if not interrupted:
+    if not interrupted and par.writes:
         ckpt.remove_checkpoints(folder)  # every adapter is done: the optimizer states are not needed
+    distributed.barrier(world)  # what rank 0 wrote is complete before any rank reads it
     return _summary(run, interrupted, time.perf_counter() - start)
+
+
+def _plan(config: RunConfig, options: TrainOptions, folder: RunFolder, world) -> ckpt.Resume:
+    """What the flags and the output folder allow (`ckpt.plan_resume`), checked against the
+    processes the run has (`parallel.check_options`, `parallel.check_resume`)."""
+    parallel.check_options(config, options, world)
+    resume = ckpt.plan_resume(config, options, folder, run_id=uuid.uuid4().hex)
+    parallel.check_resume(resume, config.parallelism, world)
+    return resume
+
+
+def _setup(config: RunConfig, options: TrainOptions, todo: list[LoraConfig], seed: int, world):
+    """Data, model, tokenized examples: ``(model, tokenizer, device, dtype, prepared)``."""
+    raw = _setup_data(todo, seed)
+    model, tokenizer, device, dtype = _setup_model(options, todo, seed, world)
+    return model, tokenizer, device, dtype, _tokenize(todo, raw, tokenizer, config.cutoff_len)
 
 
 def _setup_data(todo: list[LoraConfig], seed: int) -> dict[str, list]:
@@ -515,15 +597,18 @@ def _setup_data(todo: list[LoraConfig], seed: int) -> dict[str, list]:
     return raw
 
 
-def _setup_model(options: TrainOptions, todo: list[LoraConfig], seed: int):
+def _setup_model(options: TrainOptions, todo: list[LoraConfig], seed: int, world=None):
     """The frozen base as a `MultiAdapterModel`, every adapter test-injected once (target
-    modules and ranks checked); returns ``(model, tokenizer, device, base dtype)``."""
+    modules and ranks checked); returns ``(model, tokenizer, device, base dtype)``. With
+    ``--fsdp`` the base is loaded on the CPU and sharded over the ranks onto `device`."""
     device, dtype = resolve_device_dtype(options)
     with hub_offline_unless_reachable(options.base_model):
         hf_model, tokenizer = load_base_model(options.base_model, dtype=dtype, quantize=options.quantize,
-                                              device=device, attn_impl=options.attn_impl)
+                                              device="cpu" if options.fsdp else device, attn_impl=options.attn_impl)
     model = MultiAdapterModel(hf_model)
     check_adapters(model, todo, seed)
+    if options.fsdp:
+        distributed.shard_base(hf_model, world, device)
     if options.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model, tokenizer, device, dtype
@@ -546,23 +631,11 @@ def _remove_earlier_outputs(config: RunConfig, folder: RunFolder) -> None:
             folder.remove(path)
 
 
-def _setup_dispatcher(resume: ckpt.Resume, todo: list[LoraConfig]) -> Dispatcher:
-    """A fresh queue, or the checkpoint's (adapters added to the config since join its end)."""
-    if resume.dispatcher is None:
-        return Dispatcher([a.name for a in todo])
-    dispatcher = Dispatcher.from_state(resume.dispatcher)
-    known = set(dispatcher.active) | set(dispatcher.waiting)
-    names = {a.name for a in todo}
-    dispatcher.waiting = [n for n in dispatcher.waiting if n in names]
-    dispatcher.waiting += [a.name for a in todo if a.name not in known]
-    return dispatcher
-
-
 def _train(run: Run, todo: list[LoraConfig]) -> bool:
     """`fit` with the progress bar, the RNG fork and the log redirection around it; returns
     whether the run stopped early."""
     total, initial = _progress_counts(run, todo)
-    progress = Progress(total, initial, run.options.progress)
+    progress = Progress(total, initial, run.options.progress and run.parallel.writes)
     run.model.train()
     try:
         with _fork_rng(run.device), _redirect_logging(run.options.progress):
@@ -595,6 +668,7 @@ def _summary(run: Run, interrupted: bool, seconds: float) -> TrainSummary:
             summaries[n] = AdapterSummary(n, "waiting")
     for name in list(run.active):
         run.model.remove_adapter(name)
+    summaries = run.parallel.merge_summaries(summaries)  # adapter parallelism: each from its rank
     return TrainSummary(run.options.output_dir, summaries, interrupted, run.last_checkpoint if interrupted else None,
                         run.dispatcher.step, seconds, folder.tensorboard if folder.tensorboard.is_dir() else None,
                         run.stop_signal, run.model, run.tokenizer)
