@@ -3,6 +3,7 @@
     python bench/train_throughput.py                       # medium shape, fp32 and bf16
     python bench/train_throughput.py --shape smollm2 --dtypes bf16 --only lora,mixlora
     python bench/train_throughput.py --only lora,mixlora --profile bench-profiles
+    python bench/train_throughput.py --dtypes fp32 --only lora,mixlora --torchrun 2   # + data parallel
 
 Every configuration (see `bench/workload.py`) runs in a fresh Python process so that peak
 memory figures do not mix; `--no-isolate` runs them all in this process instead (faster,
@@ -12,6 +13,12 @@ process measures the machine's matmul peak for each dtype, the denominator of MF
 "Same total batch": `lora-kK` trains K adapters with micro-batch/K rows each in one
 forward, `lora` (K = 1) one adapter with all micro-batch rows; both see micro-batch x seq
 tokens per step, so their tokens/s compare directly.
+
+`--torchrun N` also trains each of our configurations with N processes under torchrun
+(`bench/dist_workload.py`: data parallelism, each process ``micro-batch / N`` rows of the same
+global micro-batch, adapter gradients summed by the trainer's `GradReducer`; one thread per
+process on the CPU) and reports its tokens/s and the all-reduce share of its step next to the
+1-process figure of the same configuration.
 
 This file parses flags, runs the jobs and reports (a table on screen, JSON with `--json`);
 it imports no torch itself.
@@ -71,6 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR", nargs="?", const="bench-profiles",
                    help="After timing, profile 2 steps per configuration; write op tables to DIR.")
     p.add_argument("--no-isolate", action="store_true", help="Run every configuration in this process.")
+    p.add_argument("--torchrun", type=int, default=0, metavar="N",
+                   help="Also train our configurations with N processes under torchrun (data parallelism, the same "
+                        "global batch; 1 thread per process on the CPU) and report them next to 1 process.")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="Before each configuration, wait up to SECONDS until other processes use under 5%% "
                         "of the CPUs for 15 s (shared machines).")
@@ -88,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("seq", "micro_batch", "steps", "threads"):
         if getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.torchrun == 1 or args.torchrun < 0:
+        problems.append("--torchrun needs at least 2 processes (0: off)")
     if args.timeout is not None and args.timeout <= 0:
         problems.append("--timeout must be positive")
     for flag in ("warmup", "retries", "wait_quiet"):
@@ -130,6 +142,37 @@ def run_worker(job: dict, isolate: bool, timeout: float | None = None, env: dict
             reason = f"worker exited with status {done.returncode}: " + " | ".join(tail)
             return {**_job_keys(job), "status": "error", "reason": reason}
         return json.loads(out_path.read_text())
+
+
+def run_torchrun(job: dict, nproc: int, timeout: float | None = None, wait_quiet: float = 0.0) -> dict:
+    """Run one job under ``torchrun --nproc_per_node nproc`` (`bench/dist_workload.py`), after
+    waiting up to `wait_quiet` s for a quiet machine; a failure comes back as ``status: error``
+    (or ``timeout``) with the end of its output. ``other_cpu_share``: what other processes took
+    of the CPUs during the whole job (its start-up included)."""
+    import socket
+
+    waited = wait_for_quiet(wait_quiet, QUIET) if wait_quiet > 0 else 0.0
+    with socket.socket() as s:  # a free rendezvous port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="mlora-bench-") as tmp:
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job_path.write_text(json.dumps(job))
+        env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        cpu_before, started = cpu_seconds(children=True), time.perf_counter()
+        done = run_limited([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                            "--master_port", str(port), "-m", "bench.dist_workload", str(job_path), str(out_path)],
+                           timeout, env=env, cwd=ROOT)
+        other = other_cpu_share(cpu_before, cpu_seconds(children=True), time.perf_counter() - started)
+        keys = {**_job_keys(job), "processes": nproc, "waited_s": waited, "other_cpu_share": other}
+        if done.timed_out:
+            return {**keys, "status": "timeout", "reason": f"still running at its limit of {timeout:g} s; stopped"}
+        if done.returncode != 0 or not out_path.exists():
+            tail = done.output.strip().splitlines()[-5:]
+            return {**keys, "status": "error", "reason": f"torchrun exited with status {done.returncode}: "
+                    + " | ".join(tail)}
+        return {**json.loads(out_path.read_text()), **keys}
 
 
 def measure(job: dict, isolate: bool, wait_quiet: float, retries: int, timeout: float | None = None) -> dict:
@@ -277,6 +320,22 @@ def format_report(report: dict) -> str:
                       "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
                       "-" if r.get("other_cpu_share") is None else f"{100 * r['other_cpu_share']:.0f}%"))
     lines += _columns(table)
+    if report.get("distributed"):
+        lines += ["", f"data parallel under torchrun, {s['torchrun']} processes x 1 thread (CPU) against 1 process x "
+                      f"{s['threads']} threads, the same global micro-batch of {s['micro_batch']} rows:"]
+        table = [("config", "dtype", "procs", "rows/proc", "step s", "tokens/s", "vs 1 process", "all-reduce share",
+                  "other CPU")]
+        for r in report["distributed"]:
+            if r.get("status") != "ok":
+                table.append((r.get("config", "?"), r.get("dtype", "?"), str(r.get("processes", "")), "",
+                              r.get("status", "?").upper(), r.get("reason", "")[:60], "", "", ""))
+                continue
+            one = _find(report["results"], r["config"], r["dtype"])
+            table.append((r["config"], r["dtype"], str(r["processes"]), str(r["rows_per_process"]),
+                          _fmt(r["step_time_s"], ".3f"), _fmt(r["tokens_per_s"], ".0f"),
+                          _fmt(_ratio(r, one, "tokens_per_s"), ".2f"), f"{100 * r['allreduce_share']:.1f}%",
+                          "-" if r.get("other_cpu_share") is None else f"{100 * r['other_cpu_share']:.0f}%"))
+        lines += _columns(table)
     lines += ["", f"targets ({TARGET_NOTE}):"]
     targets = [("target", "dtype", "measured", "goal", "status")]
     targets += [(t["target"], t["dtype"], _fmt(t["value"], ".3f"), t["goal"], t["status"]) for t in report["targets"]]
@@ -326,6 +385,20 @@ def main(argv: list[str] | None = None) -> int:
                    if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason')}")
         print(f"[{i}/{len(jobs)}] {job['dtype']} {job['config']}: {summary}", flush=True)
 
+    distributed = []
+    if args.torchrun:
+        ours = [c for c in args.only if c == "mixlora" or c == "lora" or c.startswith("lora-k")]
+        threads = 1 if args.device == "cpu" else args.threads
+        for d in args.dtypes:
+            for c in ours:
+                job = dict(common, kind="train", config=c, dtype=d, threads=threads, profile_dir=None)
+                r = run_torchrun(job, args.torchrun, args.timeout, args.wait_quiet)
+                distributed.append(r)
+                summary = (f"{r['tokens_per_s']:.0f} tokens/s, step {r['step_time_s']:.3f} s, all-reduce "
+                           f"{100 * r['allreduce_share']:.1f}% of it" if r.get("status") == "ok"
+                           else f"{r.get('status')}: {r.get('reason')}")
+                print(f"[torchrun x{args.torchrun}] {d} {c}: {summary}", flush=True)
+
     add_derived(results, peaks)
     report = {
         "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -341,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_detail": peak.get("peaks", []),
         "matmul_peak_other_cpu_share": peak.get("other_cpu_share"),
         "results": results,
+        "distributed": distributed,
         "targets": evaluate_targets(results, args.dtypes),
         "target_note": TARGET_NOTE,
     }
@@ -351,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {args.json}")
     if args.profile:
         print(f"profiles: {profile_dir}")
-    return 0 if all(r.get("status") in ("ok", "skipped") for r in results) and peaks else 1
+    return 0 if all(r.get("status") in ("ok", "skipped") for r in results + distributed) and peaks else 1
 
 
 def _git_state() -> str | None:

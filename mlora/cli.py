@@ -353,9 +353,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn_impl", help="Attention implementation: eager, sdpa or flash_attention_2 (default: the model's).")
     p.add_argument("--fsdp", action="store_true", help="Under torchrun: shard the frozen base over the processes "
                    "(FSDP2, one unit per decoder layer); parallelism 'data' only.")  # fmt: skip
-    p.add_argument("--dist_timeout", type=float, default=1800.0, metavar="SECONDS",
+    p.add_argument("--dist_timeout", type=float, metavar="SECONDS",
                    help="Under torchrun: how long a process waits for the others in any collective before the run "
-                   "stops with an error naming it (default: 1800).")  # fmt: skip
+                   "stops with an error naming it (default: 30 minutes).")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ import torch
 from mlora.model.adapted import MultiAdapterModel
 from mlora.model.loading import resolve_dtype
 from mlora.train.data import Prepared, TrainError, adapter_seed
+from mlora.train.distributed import DEFAULT_TIMEOUT_S
 
 logger = logging.getLogger("mlora.train")
 
@@ -57,7 +58,7 @@ class TrainOptions:
     progress: bool = True
     stop_after_steps: int | None = None
     fsdp: bool = False
-    dist_timeout: float = 1800.0
+    dist_timeout: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self):
         self.output_dir = Path(self.output_dir)

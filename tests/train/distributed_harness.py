@@ -60,15 +60,39 @@ def _audit(roots: list[str], writes: list):
     return hook
 
 
+def nan_loss_at(adapter: str, epoch: int, batch: int, micro: int):
+    """Wrap the trainer's `adapter_loss` so that `adapter`'s micro-batch at (epoch, batch,
+    micro) has a non-finite loss; `micro` counts from the step's first micro-batch (a rank's
+    own offset in data parallelism)."""
+    import mlora.train.trainer as trainer
+
+    original = trainer.adapter_loss
+
+    def adapter_loss(ar, token_loss, router_entries, rows):
+        loss, aux = original(ar, token_loss, router_entries, rows)
+        pos = ar.position
+        if (ar.name, pos.epoch, pos.batch, pos.micro) == (adapter, epoch, batch, micro):
+            loss = loss * float("nan")
+        return loss, aux
+
+    return adapter_loss
+
+
 def _patch_steps(rank: int, scenario: dict) -> None:
-    """Make this rank raise, die or get SIGINT after its n-th optimizer step, as asked."""
+    """Make this rank raise, die or get SIGINT after its n-th optimizer step, or see a
+    non-finite loss (``nan``: ``at`` = [adapter, epoch, batch, micro]), as asked."""
     import mlora.train.trainer as trainer
 
     original = getattr(trainer, "_original_optimizer_step", trainer.optimizer_step)
     trainer._original_optimizer_step = original
     trainer.optimizer_step = original
+    trainer.adapter_loss = getattr(trainer, "_original_adapter_loss", trainer.adapter_loss)
+    trainer._original_adapter_loss = trainer.adapter_loss
     action = scenario.get("action")
     if action is None or scenario.get("rank", 1) != rank:
+        return
+    if action == "nan":
+        trainer.adapter_loss = nan_loss_at(*scenario["at"])
         return
     count = {"n": 0}
     after = scenario["after_steps"]

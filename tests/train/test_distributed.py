@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -93,8 +94,9 @@ def setup(tmp_path_factory, base_model, no_compile):
     arc = str(FIXTURES / "arc-e")
     pairs = write_pairs(root, PAIRS + OTHER_PAIRS, "pairs.json")
     configs = {
-        # Benchmark task: every run is scored too (the evaluation is sharded over the ranks).
-        "plain": write_config(root / "plain.json", [lora("lora", arc), mixlora("mix", arc)]),
+        # Benchmark task: every run is scored at the end, lora also during training (the scoring
+        # is sharded over the ranks).
+        "plain": write_config(root / "plain.json", [lora("lora", arc, evaluate_steps=3), mixlora("mix", arc)]),
         # Dropout on every LoRA and expert, router jitter: each micro-batch's streams must survive the
         # split. lr 1e-3: AdamW turns the rounding of a summed gradient near zero into a step of up
         # to lr, and the ranks sum the micro-batch gradients in another order than one process.
@@ -105,22 +107,26 @@ def setup(tmp_path_factory, base_model, no_compile):
             lora("a", arc), lora("b", arc, r=2, lora_dropout=0.1), mixlora("c", arc, batch_size=4)],
             parallelism="adapter"),
     }
-    out = {k: root / k for k in ("plain", "dropout", "adapter", "fsdp", "sigint", "kill")}
+    out = {k: root / k for k in ("plain", "dropout", "adapter", "fsdp", "nan", "sigint", "raise", "kill")}
     base = base_model
     scenarios = [
         scenario(configs["plain"], base, out["plain"]),
         scenario(configs["dropout"], base, out["dropout"]),
         scenario(configs["adapter"], base, out["adapter"]),
-        scenario(configs["plain"], base, out["fsdp"], "--fsdp", "--gradient_checkpointing"),
+        scenario(configs["plain"], base, out["fsdp"], "--fsdp", "--gradient_checkpointing", "--dtype", "bf16"),
+        # Rank 1 trains micro-batch 1 of lora's second batch (its offset 0 in that step): a NaN there.
+        scenario(configs["dropout"], base, out["nan"], action="nan", rank=1, at=["lora", 0, 1, 0]),
         scenario(configs["dropout"], base, out["sigint"], action="sigint", rank=0, after_steps=3),
+        scenario(configs["dropout"], base, out["raise"], "--dist_timeout", "60", action="raise", rank=1,
+                 after_steps=2),
         scenario(configs["dropout"], base, out["kill"], action="kill", rank=1, after_steps=5),  # last: rank 1 dies
     ]
     records = run_session(scenarios, root / "records")
-    results = dict(zip(["plain", "dropout", "adapter", "fsdp", "sigint", "kill"], records))
+    results = dict(zip(["plain", "dropout", "adapter", "fsdp", "nan", "sigint", "raise", "kill"], records))
     # Then the real launcher: resume the killed run, and a run where rank 1 raises (last: it ends the job).
     launched = [scenario(configs["dropout"], base, out["kill"], "--resume"),
-                scenario(configs["dropout"], base, root / "raise", "--dist_timeout", "60", action="raise", rank=1,
-                         after_steps=2)]
+                scenario(configs["dropout"], base, root / "raise-torchrun", "--dist_timeout", "60", action="raise",
+                         rank=1, after_steps=2)]
     [port, *ports] = free_ports(1 + len(launched))
     (root / "launched.json").write_text(json.dumps({"scenarios": launched, "ports": ports}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -128,7 +134,7 @@ def setup(tmp_path_factory, base_model, no_compile):
                str(REPO / "tests" / "train" / "torchrun_entry.py"), str(root / "launched.json"), str(root / "launched")]
     (root / "launched").mkdir()
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    results["resume"], results["raise"] = read_records(root / "launched", 2, 2)
+    results["resume"], results["raise-torchrun"] = read_records(root / "launched", 2, 2)
     return {"root": root, "configs": configs, "out": out, "results": results, "base": base, "torchrun": proc,
             "torchrun_end": time.time()}
 
@@ -150,9 +156,12 @@ def assert_same_logs(got: Path, want: Path, names) -> None:
         a, b = metrics(got, name), metrics(want, name)
         assert [r["step"] for r in a] == [r["step"] for r in b]
         for x, y in zip(a, b):
-            assert x["tokens"] == y["tokens"] and x.get("event") == y.get("event")
+            assert x.get("tokens") == y.get("tokens") and x.get("event") == y.get("event")
             for key in ("loss", "aux_loss", "grad_norm", "lr"):
-                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (name, x["step"], key)
+                if y.get(key) is None:  # an event, or a skipped step's gradient norm
+                    assert x.get(key) is None, (name, x["step"], key)
+                else:
+                    assert x.get(key) == pytest.approx(y[key], rel=1e-5, abs=1e-7), (name, x["step"], key)
 
 
 def eval_table(out: Path) -> list[tuple]:
@@ -171,6 +180,9 @@ def test_data_parallel_equals_one_process(setup, tmp_path):
     two = setup["out"]["plain"]
     assert_close_weights(two, tmp_path / "one", ["lora", "mix"])
     assert_same_logs(two, tmp_path / "one", ["lora", "mix"])
+    scored = [(r["step"], r["items"], r["acc"]) for r in metrics(two, "lora") if r.get("event") == "eval"]
+    assert len(scored) == 2 and scored == [(r["step"], r["items"], r["acc"]) for r in metrics(tmp_path / "one", "lora")
+                                           if r.get("event") == "eval"]
     assert eval_table(two) == eval_table(tmp_path / "one")
     leader, follower = setup["results"]["plain"]
     assert "evaluation:" in leader["stdout"] and "arc-e" in leader["stdout"]
@@ -199,12 +211,25 @@ def test_adapter_parallel_trains_each_adapter_as_alone(setup, tmp_path):
     assert "rank 1 trains" not in setup["results"]["adapter"][0]["stderr"]  # per-rank INFO stays on its rank
 
 
-def test_fsdp_sharded_base_equals_one_process(setup, tmp_path):
+def test_fsdp_sharded_base_in_bf16_with_checkpointing_equals_one_process(setup, tmp_path):
     ok(setup["results"]["fsdp"])
     assert "FSDP: the base is sharded over 2 processes (2 decoder layers)" in setup["results"]["fsdp"][0]["stderr"]
-    one_process(setup, "plain", tmp_path / "one")
+    one_process(setup, "plain", tmp_path / "one", "--dtype", "bf16")
     assert_close_weights(setup["out"]["fsdp"], tmp_path / "one", ["lora", "mix"])
     assert eval_table(setup["out"]["fsdp"]) == eval_table(tmp_path / "one")
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all(setup, tmp_path, monkeypatch):
+    ok(setup["results"]["nan"])
+    import mlora.train.trainer as trainer
+    from tests.train.distributed_harness import nan_loss_at
+
+    monkeypatch.setattr(trainer, "adapter_loss", nan_loss_at("lora", 0, 1, 1))  # the same micro-batch, 1 process
+    one_process(setup, "dropout", tmp_path / "one")
+    events = [r for r in metrics(setup["out"]["nan"], "lora") if r.get("event")]
+    assert [(r["step"], r["event"]) for r in events] == [(2, "nan_loss")]
+    assert_close_weights(setup["out"]["nan"], tmp_path / "one", ["lora", "mix"])
+    assert_same_logs(setup["out"]["nan"], tmp_path / "one", ["lora", "mix"])
 
 
 def test_only_rank_0_writes(setup):
@@ -244,15 +269,35 @@ def test_killed_run_resumes_bit_exact_on_two_ranks(setup):
 
 
 def test_a_rank_that_raises_ends_the_job(setup):
-    """The real launcher: torchrun, rank 1 raising mid-run; the job ends, naming it."""
-    proc, (leader, follower) = setup["torchrun"], setup["results"]["raise"]
-    assert proc.returncode != 0
+    """Rank 1 raises mid-run: it names itself, rank 0 stops on the lost contact within seconds;
+    under torchrun the launcher ends the job with a failure."""
+    leader, follower = setup["results"]["raise"]
     assert follower["code"] == 1 and "error: rank 1: RuntimeError: injected failure" in follower["stderr"]
     assert "Traceback" in follower["stderr"]  # a bug's traceback, then the line naming the rank
-    if leader is not None:  # rank 0 may be ended by torchrun before it writes its record
+    assert leader["code"] == 1 and "error: rank 0: lost contact with the other processes" in leader["stderr"]
+    assert leader["seconds"] < 60 and not (setup["out"]["raise"] / "lora").exists()
+
+    proc, (leader, follower) = setup["torchrun"], setup["results"]["raise-torchrun"]
+    assert proc.returncode != 0
+    assert follower["code"] == 1 and "error: rank 1: RuntimeError: injected failure" in follower["stderr"]
+    if leader is not None:  # torchrun may end rank 0 before it writes its record
         assert leader["code"] != 0
     seconds = setup["torchrun_end"] - follower["started"]
     assert seconds < 60, f"the job took {seconds:.0f} s to end after the failing run started"
+
+
+def test_a_relayed_signal_is_not_a_second_one():
+    """torchrun passes the terminal's Ctrl-C on to every process that already got it: under
+    torchrun a second signal at once is that copy; alone it aborts."""
+    from mlora.train.trainer import _interrupt_guard
+
+    with _interrupt_guard(launched=True) as flag:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        assert flag.signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt), _interrupt_guard(launched=False):
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
 
 
 def test_adapter_checkpoint_refuses_another_process_count(tmp_path):
@@ -275,3 +320,72 @@ def test_partition_balances_estimated_cost():
              for r in range(2)]
     assert sorted(loads) == [13.0, 14.0] and list(plan) == ["a", "b", "c", "d", "e"]
     assert partition({"x": 1.0}, 3) == {"x": 0}
+
+
+def test_grad_reducer_starts_buckets_during_backward_and_keeps_absent_grads_none():
+    """One process of a gloo group: the sum is the gradient itself, so what is checked is the
+    mechanics: buckets deepest layer first, launched by gradient hooks while backward runs,
+    gradients written back, a parameter without a gradient left at None."""
+    from mlora.train.distributed import GradReducer
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        world = World(0, 1, 0, "gloo", 60.0, dist.new_group(backend="gloo"))
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(4, 4, bias=False) for _ in range(3)]
+        unused = torch.nn.Parameter(torch.ones(2))
+        params = {"model.layers.0.proj.weight": layers[0].weight, "model.layers.0.unused": unused,
+                  "model.layers.1.proj.weight": layers[1].weight, "model.layers.2.proj.weight": layers[2].weight}
+        reducer = GradReducer(world, bucket_bytes=64)  # one 4 x 4 fp32 weight per bucket
+        reducer.add("a", params)
+        launched_when_first_layer_done = []
+        layers[0].weight.register_post_accumulate_grad_hook(lambda p: launched_when_first_layer_done.append(
+            reducer._next))
+        h = torch.randn(2, 4)
+        for layer in layers:
+            h = layer(h)
+        reducer.arm(["a"])
+        h.square().sum().backward()
+        # Layers 2 and 1 went out while backward ran; `unused` (never ready) holds the rest back.
+        assert launched_when_first_layer_done == [2]
+        expected = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
+        reducer.finish()
+        assert unused.grad is None
+        for key, grad in expected.items():
+            assert torch.equal(params[key].grad, grad)
+        reducer.remove("a")
+        assert not reducer._owner
+    finally:
+        dist.destroy_process_group()
+
+
+def test_adapter_cost_weighs_tokens_epochs_and_method():
+    from types import SimpleNamespace
+
+    from mlora.config import LoraConfig, MixLoraConfig
+    from mlora.train.dispatcher import METHOD_COST, adapter_cost
+
+    prepared = SimpleNamespace(examples=[SimpleNamespace(input_ids=[1] * 10), SimpleNamespace(input_ids=[1] * 6)])
+    assert adapter_cost(LoraConfig(name="a", num_epochs=3), prepared) == 16 * 3
+    assert adapter_cost(MixLoraConfig(name="m", num_epochs=1), prepared) == 16 * METHOD_COST["mixlora"]
+    assert adapter_cost(LoraConfig(name="d", use_dora=True), prepared) == 16 * 2 * METHOD_COST["dora"]
+
+
+def test_bench_torchrun_flag_and_report():
+    from bench import train_throughput as bench
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--torchrun", "1"])
+    one = {"config": "lora", "dtype": "fp32", "status": "ok", "tokens_per_s": 100.0, "step_time_s": 0.9,
+           "adapters": 1, "rows_per_adapter": 4, "tokens_vs_peft": None, "peak_mem_mb": 1.0,
+           "mem_before_steps_mb": 1.0, "achieved_gflops": 1.0, "mfu": None}
+    two = {"config": "lora", "dtype": "fp32", "status": "ok", "processes": 2, "rows_per_process": 2,
+           "step_time_s": 0.5, "tokens_per_s": 180.0, "allreduce_share": 0.04}
+    lines = bench.format_report({
+        "settings": {"shape": "nano", "seq": 8, "micro_batch": 4, "steps": 1, "warmup": 0, "device": "cpu",
+                     "threads": 2, "grad_ckpt": False, "lora_dropout": 0.0, "torchrun": 2},
+        "machine": {"git": None, "cpu": "cpu", "logical_cpus": 2, "torch": "2", "transformers": "5", "peft": "0"},
+        "load_before": None, "load_after": None, "matmul_peak_gflops": {}, "results": [one],
+        "distributed": [two], "targets": []}).splitlines()
+    row = next(line for line in lines if line.startswith("lora") and " 2 " in line and "%" in line)
+    assert row.split()[-3:] == ["1.80", "4.0%", "-"]  # vs 1 process, all-reduce share, other CPU
