@@ -210,6 +210,9 @@ class Parallel:
         """How scoring during training (``evaluate_steps``) is split over the ranks (None: not split)."""
         return None
 
+    def close(self) -> None:
+        """Training ended (finished or stopped): release what the mode holds open."""
+
 
 def check_resume(resume: ckpt.Resume, mode: str, world: World | None) -> None:
     """Refuse to resume a checkpoint of ``parallelism: adapter`` with another layout: its
@@ -427,6 +430,11 @@ class AdapterParallel(Parallel):
         all_files = {n: f for g in gathered for n, f in g["files"].items()}
         return ckpt.write_checkpoint(run.folder, run.dispatcher.step, merged, run.model, all_states, base,
                                      files=all_files)
+
+    def close(self):
+        for log in self.remote_logs.values():  # adapters interrupted mid-training
+            log.close()
+        self.remote_logs.clear()
 
     def merge_summaries(self, summaries):
         gathered = dist_.all_gather_object(self.world, summaries)
