@@ -14,7 +14,8 @@ Configurations:
     lora         our engine, 1 LoRA adapter x B rows
     lora-kK      our engine, K LoRA adapters x B/K rows each (same total batch as `lora`)
     mixlora      our MixLoRA (8 experts top-2), shared-base path
-    mixlora-ref  our MixLoRA, per-expert reference path (`MixLoraFFN.use_reference`)
+    mixlora-ref  our MixLoRA, the per-expert reference path the tests check it against
+                 (``tests/model/reference_moe.py``)
 
 ``quant: "4bit"`` replaces the decoder layers' frozen projections by bitsandbytes NF4 layers
 (double quantization, compute dtype = the job's dtype; lm_head and embeddings stay as built),
@@ -148,7 +149,6 @@ class OurTrainer:
 
     def __init__(self, base: nn.Module, job: dict):
         from mlora.model.adapted import MultiAdapterModel
-        from mlora.model.mixlora import MixLoraFFN
 
         k = adapters_of(job["config"], job["micro_batch"])
         self.model = MultiAdapterModel(base)
@@ -156,9 +156,9 @@ class OurTrainer:
         for i, cfg in enumerate(self.cfgs):
             self.model.add_adapter(cfg, seed=job["seed"] + i)
         if job["config"] == "mixlora-ref":
-            for module in self.model.modules():
-                if isinstance(module, MixLoraFFN):
-                    module.use_reference = True
+            from tests.model.reference_moe import use_reference  # the reference lives with the tests
+
+            use_reference(self.model)
         if job["grad_ckpt"]:
             self.model.enable_gradient_checkpointing()
         self.model.train()
@@ -172,7 +172,7 @@ class OurTrainer:
 
     def forward_loss(self, input_ids, attention_mask, labels) -> torch.Tensor:
         from mlora.model.context import BatchLayout
-        from mlora.model.mixlora import router_aux_loss
+        from mlora.model.router import router_aux_loss
 
         layout = BatchLayout.from_sizes(self.sizes)
         out = self.model(input_ids, attention_mask, layout)

@@ -251,6 +251,4 @@ def merged_model(model, name: str):
                 base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
         parent_path, _, attr = path.rpartition(".")
         setattr(plain.get_submodule(parent_path) if parent_path else plain, attr, base)
-    if hasattr(plain, "mlora_context"):
-        object.__delattr__(plain, "mlora_context")
     return plain.eval()

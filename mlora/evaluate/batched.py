@@ -223,10 +223,10 @@ def _forward_kept(model, rows: list[Row], input_ids, real, offsets: list[int], s
         mask = _block_mask(rows, offsets, width, dtype if dtype.is_floating_point else torch.float32)
     else:
         mask = real.long()
-    # The layout is installed for this one call; no router logits are kept (nothing trains).
+    # The layout is installed for this one call (`MultiAdapterModel.forward` has no positions,
+    # 4-D masks or logits_to_keep to pass); its router logits are dropped (nothing trains).
     layout = BatchLayout.from_sizes(sizes, token_mask=real.to(device))
-    layout.record = False
-    with model.context.using(layout):
+    with model.context.scope(layout):
         out = model.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                           position_ids=positions.to(device), logits_to_keep=keep, use_cache=False)
     return out.logits, width - keep

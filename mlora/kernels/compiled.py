@@ -3,14 +3,14 @@
 The wide elementwise work of the MixLoRA experts (activation, product, dropout, routing
 weight and their gradients over ``(pairs, intermediate)`` tensors) is memory-bound on a CPU:
 eager PyTorch makes one pass over memory per op. Compiled by inductor into a C++ loop it
-makes one pass per function: about 7x less time for the backward's part on a 2-core Xeon.
+makes one pass per function (figures in docs/benchmarks.md).
 
 `call(fn, *args)` runs ``fn(*args)`` through a compiled copy of `fn` (one per `fn`, shapes
 dynamic) and falls back to `fn` itself, for good, when compiling fails (no C++
 compiler, an unsupported op): a warning says so once. ``MLORA_COMPILE=0`` skips compiling
 altogether. The functions given must be pure (no in-place change of their inputs), so a
-failed compiled call can be rerun eagerly. The first call in a process pays the compile:
-about 5 s, 1-4 s once inductor's on-disk cache holds the kernels.
+failed compiled call can be rerun eagerly. The first call in a process pays the compile
+(seconds; less once inductor's on-disk cache holds the kernels).
 """
 
 from __future__ import annotations

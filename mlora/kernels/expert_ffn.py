@@ -9,13 +9,14 @@ outputs ``g, u (N, I)`` computed once for all experts, it returns
 (the frozen down is applied to `mixed` by the caller, once). Autograd through the plain
 expression would keep about eight ``(M, I)`` tensors per layer alive until backward. This
 function keeps two, the pairs' adapted gate and up outputs, plus their dropped-out rows of x
-``(M, H)``, the rank-r factors and one-byte dropout masks, and recomputes the activation and
-the product in backward: MixLoRA's peak memory stays within 1.1x LoRA's, and backward makes
-few passes over the wide per-pair tensors, which is what its time is made of on a CPU. The
-wide elementwise work of each direction is one pure function (`_forward_wide`,
-`_backward_wide`); on CPU, for SiLU experts, `torch.compile` fuses each into one loop
-(`mlora.kernels.compiled`, eager when compiling is off or fails).
-The experts' LoRA runs as one GEMM pair per expert group (pairs are sorted by expert).
+``(M, H)`` (one copy per projection: gate, up and down each draw their own dropout mask), the
+rank-r factors and one-byte masks, and recomputes the activation and the product in backward:
+MixLoRA's peak memory stays near 1.1x LoRA's, and backward makes few passes over the wide
+per-pair tensors, which is what its time is made of on a CPU. The wide elementwise work of
+each direction is one pure function (`_forward_wide`, `_backward_wide`); on CPU, for SiLU
+experts, `torch.compile` fuses each into one loop (`mlora.kernels.compiled`, eager when
+compiling is off or fails). The experts' LoRA runs as one GEMM pair per expert group (pairs
+are sorted by expert).
 
 DoRA experts are not handled here (their per-expert norms make the backward heavier); the
 caller uses plain autograd for them.
@@ -57,7 +58,7 @@ def _narrow(x: torch.Tensor, W: torch.Tensor, counts: list[int]) -> torch.Tensor
 
     Computed as ``W_e @ x_e^T`` into a ``(k, M)`` buffer and returned as its ``(M, k)``
     transpose: with the wide operand on the right, CPU BLAS runs these skinny products
-    1.5-4x faster.
+    faster (docs/benchmarks.md).
     """
     out_t = x.new_zeros(W.shape[1], x.shape[0])
     for e, a, b in _spans(counts):
@@ -106,10 +107,6 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _mask(shape, p: float, like: torch.Tensor, generator) -> torch.Tensor | None:
-    return lora_kernels.dropout_mask(shape, p, like.device, generator) if p > 0 else None
-
-
 def _keep(mask: torch.Tensor | None, p: float) -> float:
     return 1.0 - p if mask is not None else 1.0
 
@@ -140,29 +137,72 @@ def _act_backward(act_fn, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _dropped_rows(x: torch.Tensor, token: torch.Tensor, drop: torch.Tensor | None, acc) -> torch.Tensor:
-    """``xm (M, H)``: the rows `token` of x with the dropped positions zeroed."""
-    xm = _rows(x, token, acc)
-    return xm.masked_fill_(drop, 0.0) if drop is not None else xm
+def _in_rows(x: torch.Tensor, token: torch.Tensor, drops: list, acc) -> list[torch.Tensor]:
+    """The pairs' rows of x as the gate/up LoRA inputs see them: ``[(M, H)]``, one per input.
+
+    `drops[i]`: input i's dropped positions (None: no dropout). Without masks both inputs share
+    one copy; with them each gets its own masked copy, the last one made in place.
+    """
+    xr = _rows(x, token, acc)
+    rows = []
+    for i, drop in enumerate(drops):
+        if drop is None:
+            rows.append(xr)
+        elif i == len(drops) - 1 and all(r is not xr for r in rows):
+            rows.append(xr.masked_fill_(drop, 0.0))
+        else:
+            rows.append(xr.masked_fill(drop, 0.0))
+    return rows
 
 
-def _in_factors(xm: torch.Tensor, inputs: list, counts: list[int], drop: torch.Tensor | None) -> torch.Tensor:
-    """The gate/up rank-r factors side by side, ``z_in (M, r_g + r_u)``: one GEMM per expert
-    over ``xm``, each projection's block scaled by 1 / its keep probability."""
-    A_in = torch.cat([p.A for p in inputs], dim=1) if len(inputs) > 1 else inputs[0].A
-    z_in = _shrink(xm, A_in, counts, 1.0)
-    if drop is not None:
-        for proj, z in _blocks(z_in, inputs):
-            z.mul_(1.0 / _keep(drop, proj.dropout))
-    return z_in
+def _in_factors(rows: list, inputs: list, drops: list, counts: list[int]) -> list[torch.Tensor]:
+    """The rank-r factors of the gate/up LoRA, ``[(M, r_p)]`` in the order of `inputs`.
+
+    Without dropout masks, both projections share one GEMM per expert over their common rows;
+    with them, each shrinks its own masked rows (`_in_rows`). Each factor is scaled by 1 / its
+    keep probability (on the narrow result, not the wide input).
+    """
+    if all(drop is None for drop in drops):
+        A_in = torch.cat([p.A for p in inputs], dim=1) if len(inputs) > 1 else inputs[0].A
+        return _split(_shrink(rows[0], A_in, counts, 1.0), inputs)
+    return [_shrink(xm, proj.A, counts, _keep(drop, proj.dropout)) for xm, proj, drop in zip(rows, inputs, drops)]
 
 
-def _blocks(z_in: torch.Tensor, inputs: list) -> list:
-    """``[(projection, its (M, r) block of z_in)]``."""
+def _split(z_in: torch.Tensor, inputs: list) -> list[torch.Tensor]:
+    """The ``(M, r_p)`` column blocks of ``z_in (M, sum r_p)``, one per projection of `inputs`."""
     out, col = [], 0
     for proj in inputs:
-        out.append((proj, z_in[:, col:col + proj.A.shape[1]]))
+        out.append(z_in[:, col:col + proj.A.shape[1]])
         col += proj.A.shape[1]
+    return out
+
+
+def _in_backward(rows: list, inputs: list, drops: list, d_zs: list, counts: list[int]):
+    """Backward of `_in_factors`: ``([grad A_p (E, r_p, H)], grad of the pairs' rows of x (M, H))``.
+
+    `d_zs[i]` is the gradient of input i's factor, the keep rescale already applied.
+    """
+    if all(drop is None for drop in drops):
+        d_z = torch.cat(d_zs, dim=1) if len(d_zs) > 1 else d_zs[0]
+        A_in = torch.cat([p.A for p in inputs], dim=1) if len(inputs) > 1 else inputs[0].A
+        grad_A_in = _outer(d_z, rows[0], counts, A_in)                 # (E, r_g + r_u, H)
+        return _split_experts(grad_A_in, inputs), _times(d_z, A_in, counts, False)
+    grad_As, grad_xr = [], None
+    for xm, proj, drop, d_z in zip(rows, inputs, drops, d_zs):
+        grad_As.append(_outer(d_z, xm, counts, proj.A))
+        part = _times(d_z, proj.A, counts, False)                       # (M, H)
+        if drop is not None:
+            part.masked_fill_(drop, 0.0)
+        grad_xr = part if grad_xr is None else grad_xr.add_(part)
+    return grad_As, grad_xr
+
+
+def _split_experts(grad_A_in: torch.Tensor, inputs: list) -> list[torch.Tensor]:
+    """The ``(E, r_p, H)`` blocks of a stacked ``(E, sum r_p, H)`` gradient."""
+    out, row = [], 0
+    for proj in inputs:
+        out.append(grad_A_in[:, row:row + proj.A.shape[1]])
+        row += proj.A.shape[1]
     return out
 
 
@@ -204,18 +244,19 @@ def _wide(fn, act_fn, *args):
 
 
 class _ExpertFFN(torch.autograd.Function):
-    """Saves the pairs' adapted gate/up outputs, their dropped-out rows of x and the rank-r
-    factors; recomputes the activation and the product in backward."""
+    """Saves the pairs' adapted gate/up outputs, their (dropped-out) rows of x, the one-byte
+    dropout masks and the rank-r factors; recomputes the activation and the product in backward."""
 
     @staticmethod
     def forward(ctx, x, g, u, weight, token, counts, act_fn, projections, drops, *params):
         gate, up, down = projections
-        drop_x, drop_a = drops
+        drop_g, drop_u, drop_a = drops
         acc = _acc(x)
-        inputs = [p for p in (gate, up) if p is not None]
-        xm = _dropped_rows(x, token, drop_x, acc) if inputs else None       # (M, H), kept for backward
-        z_in = _in_factors(xm, inputs, counts, drop_x) if inputs else None
-        factor = {id(p): z for p, z in _blocks(z_in, inputs)} if inputs else {}
+        inputs = [(p, d) for p, d in ((gate, drop_g), (up, drop_u)) if p is not None]
+        rows = _in_rows(x, token, [d for _, d in inputs], acc) if inputs else []   # [(M, H)], kept for backward
+        zs = _in_factors(rows, [p for p, _ in inputs], [d for _, d in inputs], counts) if inputs else []
+        factor = {id(p): z for (p, _), z in zip(inputs, zs)}
+        row = {id(p): xm for (p, _), xm in zip(inputs, rows)}
         adapted = []
         for proj, base in ((gate, g), (up, u)):
             value = _rows(base, token, acc)                          # (M, I), a fresh copy
@@ -234,14 +275,16 @@ class _ExpertFFN(torch.autograd.Function):
             del am
             # The routing weight and scaling ride on the rank-r factor, not the wide output.
             extra.index_add_(0, token, _times(zd * (w * down.scaling), down.B, counts, True))
-        ctx.save_for_backward(x, weight, token, g_p, u_p, xm, z_in, zd, drop_x, drop_a)
+        z_g, z_u = factor.get(id(gate)), factor.get(id(up))
+        ctx.save_for_backward(x, weight, token, g_p, u_p, row.get(id(gate)), row.get(id(up)), z_g, z_u, zd,
+                              drop_g, drop_u, drop_a)
         ctx.counts, ctx.act_fn, ctx.projections = counts, act_fn, projections
         ctx.base_dtype = g.dtype                                     # of g and u, the frozen outputs
         return mixed, extra
 
     @staticmethod
     def backward(ctx, grad_mixed, grad_extra):
-        x, weight, token, g_p, u_p, xm, z_in, zd, drop_x, drop_a = ctx.saved_tensors
+        x, weight, token, g_p, u_p, x_g, x_u, z_g, z_u, zd, drop_g, drop_u, drop_a = ctx.saved_tensors
         counts, act_fn, (gate, up, down) = ctx.counts, ctx.act_fn, ctx.projections
         acc = _acc(x)
         w = weight[:, None].to(acc)
@@ -265,24 +308,20 @@ class _ExpertFFN(torch.autograd.Function):
         if down is not None:
             grads["dA"] = _outer(d_zd, am, counts, down.A)
             del am
-        inputs = [(name, p, gr) for name, p, gr in (("g", gate, grad_g), ("u", up, grad_u)) if p is not None]
+        inputs = [(name, p, gr, z, d, xm) for name, p, gr, z, d, xm in (("g", gate, grad_g, z_g, drop_g, x_g),
+                                                                         ("u", up, grad_u, z_u, drop_u, x_u))
+                  if p is not None]
         grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
         if inputs:
             d_zs = []
-            for (name, proj, grad), (_, z) in zip(inputs, _blocks(z_in, [p for _, p, _ in inputs])):
+            for name, proj, grad, z, drop, _ in inputs:
                 grads[name + "B"] = _outer(grad, z * proj.scaling, counts, proj.B)
-                d_zs.append(_times(grad, proj.B, counts, False).mul_(proj.scaling / _keep(drop_x, proj.dropout)))
-            d_z = torch.cat(d_zs, dim=1) if len(d_zs) > 1 else d_zs[0]
-            A_in = torch.cat([p.A for _, p, _ in inputs], dim=1) if len(inputs) > 1 else inputs[0][1].A
-            grad_A_in = _outer(d_z, xm, counts, A_in)                 # (E, r_g + r_u, H)
-            grad_xs = _times(d_z, A_in, counts, False)                # (M, H)
-            if drop_x is not None:
-                grad_xs.masked_fill_(drop_x, 0.0)
+                d_zs.append(_times(grad, proj.B, counts, False).mul_(proj.scaling / _keep(drop, proj.dropout)))
+            grad_As, grad_xs = _in_backward([i[5] for i in inputs], [i[1] for i in inputs], [i[4] for i in inputs],
+                                            d_zs, counts)
             grad_x.index_add_(0, token, grad_xs)
-            col = 0
-            for name, proj, _ in inputs:
-                grads[name + "A"] = grad_A_in[:, col:col + proj.A.shape[1]]
-                col += proj.A.shape[1]
+            for (name, *_), grad_A in zip(inputs, grad_As):
+                grads[name + "A"] = grad_A
         grad_gin = _scatter(grad_g, token, x.shape[0])
         grad_uin = _scatter(grad_u, token, x.shape[0])
         param_grads = []
@@ -306,19 +345,30 @@ def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.T
         weight: ``(M,)`` fp32 routing weight of each pair (differentiable: the router learns).
         act_fn: the experts' activation; gate/up/down: the projections' expert LoRA or None.
         training: dropout masks are drawn only in training, from `generator` (default: global RNG),
-            over the pairs in order. The caller routes no padding (`mlora.model.mixlora.route`),
+            over the pairs in order. The caller routes no padding (`mlora.model.router.route`),
             so the pairs, and with them each real token's masks, do not depend on the batch's
             padded width.
     Returns:
         ``mixed (N, I)`` fp32 and ``extra (N, H)`` fp32 (see the module docstring).
     """
-    m = token.shape[0]
-    p_x = max([p.dropout for p in (gate, up) if p is not None], default=0.0)
-    keeps = (
-        _mask((m, x.shape[1]), p_x, x, generator) if training else None,
-        _mask((m, g.shape[1]), down.dropout, x, generator) if training and down is not None else None,
-    )
+    keeps = dropout_masks(token, x, g, gate, up, down, training, generator)
     # Dropped positions, for in-place masked fills (one byte per element, kept for backward).
     drops = tuple(k.logical_not_() if k is not None else None for k in keeps)
     params = [t for p in (gate, up, down) if p is not None for t in (p.A, p.B)]
     return _ExpertFFN.apply(x, g, u, weight, token, counts, act_fn, (gate, up, down), drops, *params)
+
+
+def dropout_masks(token: torch.Tensor, x: torch.Tensor, g: torch.Tensor, gate: ExpertLoraWeights | None,
+                  up: ExpertLoraWeights | None, down: ExpertLoraWeights | None, training: bool,
+                  generator: torch.Generator | None):
+    """The keep-masks of the routed pairs' expert LoRA inputs: ``(gate (M, H), up (M, H), down (M, I))``.
+
+    Each targeted projection with dropout draws its own mask, as each LoRA layer of the official
+    `mixlora` package does, from `generator` (None: the global RNG) in this order, gate, up,
+    down, over the M pairs in their (expert-sorted) order; None where it draws none (not
+    training, not targeted, or no dropout). The Triton path and MixDoRA's experts draw the same.
+    """
+    m = token.shape[0]
+    shapes = ((gate, x.shape[1]), (up, x.shape[1]), (down, g.shape[1]))
+    return tuple(lora_kernels.dropout_mask((m, width), proj.dropout, x.device, generator)
+                 if training and proj is not None and proj.dropout > 0 else None for proj, width in shapes)

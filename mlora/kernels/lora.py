@@ -1,9 +1,12 @@
-"""The LoRA delta ``s * B A dropout(x)`` as one autograd function.
+"""Many adapters' LoRA deltas ``s * B A dropout(x)`` over their row segments, as one autograd function.
 
-Plain autograd keeps the dropped-out fp32 copy of every adapted projection's input until
-backward (4 bytes per element, plus the fp32 cast of a bf16 input). This function keeps
-the input as it came (usually alive anyway), a one-byte dropout mask and the rank-r
-intermediate, and re-applies the mask in backward. Same values, same gradients.
+Plain autograd would keep a dropped-out fp32 copy of every adapted projection's input per
+adapter until backward (4 bytes per element, plus the fp32 cast of a bf16 input) and give
+every segment its own full-size input gradient. `segmented_lora_add` adds all plain-LoRA
+segments of a projection in place into the frozen layer's output, keeps the input as it came
+(usually alive anyway), one-byte dropout masks and the rank-r intermediates, and re-applies
+the masks in backward. The masks (`dropout_mask`, `token_dropout_mask`) are drawn here for
+the Triton path too, so both paths use the same ones.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ def dropout_mask(shape, p: float, device, generator: torch.Generator | None = No
     """A bool keep-mask with keep probability ``1 - p`` (rounded to a multiple of 2^-16).
 
     Each element compares 16 random bits with a threshold; the bits come from 64-bit draws,
-    four elements a draw. On CPU that is 3.7x faster than ``rand < keep`` (one 32-bit draw
-    and a float per element) and 4x faster than ``bernoulli_``: the masks were 6% of a LoRA
-    step. The rounding moves the keep probability by at most 7.7e-6.
+    four elements a draw: cheaper than ``rand < keep`` (one 32-bit draw and a float per
+    element) or ``bernoulli_`` (docs/benchmarks.md). The rounding moves the keep probability
+    by at most 7.7e-6.
     """
     threshold = round((1.0 - p) * 65536) - 32768
     if not -32768 < threshold < 32768:                                 # keeps all / none (int16 range)
@@ -46,55 +49,12 @@ def token_dropout_mask(rows: int, width: int, p: float, device, generator: torch
         # Through the module attribute: tests hand `dropout_mask` a known mask.
         return dropout_mask((rows, width), p, device, generator).reshape(rows, width)
     drawn = dropout_mask((real.shape[0], width), p, device, generator).reshape(real.shape[0], width)
-    # index_put_ rather than index_copy_: 5x faster for bool rows on CPU (0.14 vs 0.8 ms at 1024 x 2816).
+    # index_put_ rather than index_copy_: much faster for bool rows on CPU (docs/benchmarks.md).
     return torch.zeros(rows, width, dtype=torch.bool, device=device).index_put_((real,), drawn)
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
-
-
-class _LoraDelta(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, A, B, scaling, mask, keep):
-        h = x.to(_acc(x))
-        if mask is not None:
-            h = h * mask / keep
-        z = h @ A.T                                   # (..., r)
-        ctx.save_for_backward(x, A, B, z, mask)
-        ctx.scaling, ctx.keep = scaling, keep
-        return (z @ B.T) * scaling
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, A, B, z, mask = ctx.saved_tensors
-        s, keep = ctx.scaling, ctx.keep
-        g = grad.reshape(-1, grad.shape[-1]) * s      # (N, out)
-        z2 = z.reshape(-1, z.shape[-1])               # (N, r)
-        grad_B = g.T @ z2
-        dz = g @ B                                    # (N, r)
-        h = x.reshape(-1, x.shape[-1]).to(_acc(x))
-        if mask is not None:
-            h = h * mask.reshape(h.shape) / keep
-        grad_A = dz.T @ h
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = dz @ A
-            if mask is not None:
-                grad_x = grad_x * mask.reshape(grad_x.shape) / keep
-            grad_x = grad_x.reshape(x.shape).to(x.dtype)
-        return grad_x, grad_A, grad_B, None, None, None
-
-
-def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-               dropout: float, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``s * B A dropout(x)`` for ``x (..., in)``, ``A (r, in)``, ``B (out, r)``.
-
-    Computed in fp32 (or wider, for float64 inputs); returns ``(..., out)`` in that dtype.
-    `generator` draws the dropout mask (default: the global RNG).
-    """
-    mask = dropout_mask(x.shape, dropout, x.device, generator) if dropout > 0 and training else None
-    return _LoraDelta.apply(x, A, B, scaling, mask, 1.0 - dropout)
 
 
 class _SegmentedLora(torch.autograd.Function):
@@ -148,7 +108,7 @@ class _SegmentedLora(torch.autograd.Function):
         for (start, end, i), factor, has, z in zip(ctx.segments, ctx.factors, ctx.has_mask, zs):
             mask = next(it_masks) if has else None
             g = grad[start:end].to(acc)
-            grad_B[i] += (z.T @ g).T                      # 2-2.5x faster than g.T @ z on CPU
+            grad_B[i] += (z.T @ g).T                      # faster than g.T @ z in CPU BLAS (docs/benchmarks.md)
             dz = (g @ Bs[i]).mul_(factor)                 # (rows, r)
             h = x[start:end].to(acc)
             if mask is not None:
@@ -198,8 +158,8 @@ def segmented_lora_add(base: torch.Tensor, x: torch.Tensor, segments: list[tuple
             RNG), drawn segment by segment in order (see `segment_masks`).
         real: per segment, ``(n_j,)`` long offsets (from its start) of its real rows, or None
             (all real). With dropout, masks are drawn over the real rows only and the other
-            rows are dropped whole (no delta). With all None: the same masks as `lora_delta`
-            called once per segment.
+            rows are dropped whole (no delta). With all None: each segment's mask is
+            ``dropout_mask((end - start, in))`` from its adapter's stream.
     Returns:
         `base`, its rows in the segments increased by the deltas (computed in fp32 or wider).
     """

@@ -16,11 +16,11 @@ with ``X(p, k) = x[src(p), k] [* m_pk / keep_g]`` (optional gather and dropout m
 weights of all slots are stacked ``(S, ., .)``; adapters of different ranks are zero-padded
 to the largest (padded rows and columns stay zero and get zero gradients). Every product
 accumulates in fp32 with IEEE fp32 dot products (no TF32), the torch path's contract, and
-returns fp32; float64 stays on the torch path (see `mlora.kernels.dispatch`).
+returns fp32; float64 stays on the torch path (see `mlora.kernels.backend`).
 
 `grouped_shrink` and `grouped_expand` are the two autograd functions; `segmented_lora_delta`
 and `expert_ffn` build the two uses from them. This module imports Triton: import it only
-when `mlora.kernels.dispatch.triton_available()` says so.
+when `mlora.kernels.backend.triton_available()` says so.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
 from mlora.kernels import lora as lora_kernels
-from mlora.kernels.expert_ffn import ExpertLoraWeights
+from mlora.kernels.expert_ffn import ExpertLoraWeights, dropout_masks
 
 BLOCK_M = 32   # rows per tile (and per step of the weight-gradient reduction)
 BLOCK_K = 64   # reduction step over the wide dimension in shrink
@@ -413,28 +413,16 @@ def segmented_lora_delta(x: torch.Tensor, segments: list[tuple[int, int, int]], 
     return grouped_expand(z, B, groups).reshape(*x.shape[:-1], B.shape[1])
 
 
-def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
-               training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`mlora.kernels.lora.lora_delta` on Triton: ``s * B A dropout(x)`` for ``x (..., in)``, fp32."""
-    x2 = _rows2d(x)
-    mask = None
-    if dropout > 0 and training:
-        mask = lora_kernels.dropout_mask(x.shape, dropout, x.device, generator).reshape(x2.shape)
-    groups = Groups.build([(0, x2.shape[0])], [0], [scaling], [1.0 / (1.0 - dropout)], x.device)
-    z = grouped_shrink(x2, A[None], groups, mask=mask)
-    return grouped_expand(z, B[None], groups).reshape(*x.shape[:-1], B.shape[0])
-
-
 def _routed(x, g, u, weight, token, groups, act_fn, gate, up, down, masks, n):
     """The expert FFN's routed part (see `mlora.kernels.expert_ffn`) from the grouped kernels."""
-    mask_x, mask_a = masks
+    mask_g, mask_u, mask_a = masks
     acc = torch.promote_types(x.dtype, torch.float32)
     branches = []
-    for proj, base in ((gate, g), (up, u)):
+    for proj, base, mask in ((gate, g, mask_g), (up, u, mask_u)):
         h = base[token].to(acc)
         if proj is not None:
             pg = groups.with_factors(proj.scaling, 1.0 / (1.0 - proj.dropout))
-            z = grouped_shrink(x, proj.A, pg, src=token, mask=mask_x)
+            z = grouped_shrink(x, proj.A, pg, src=token, mask=mask)
             h = h + grouped_expand(z, proj.B, pg)
         branches.append(h)
     a = act_fn(branches[0]) * branches[1]                               # (M, I)
@@ -460,12 +448,8 @@ def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.T
     dropout masks (drawn here, before, so the recomputation sees the same ones) and
     recomputes the per-pair tensors.
     """
-    m = token.shape[0]
-    # The same draws, in the same order, as the torch path: one seed gives one set of masks.
-    p_x = max([p.dropout for p in (gate, up) if p is not None], default=0.0)
-    mask_x = lora_kernels.dropout_mask((m, x.shape[1]), p_x, x.device, generator) if training and p_x > 0 else None
-    mask_a = (lora_kernels.dropout_mask((m, g.shape[1]), down.dropout, x.device, generator)
-              if training and down is not None and down.dropout > 0 else None)
+    # The torch path's draws, in its order: one seed gives one set of masks.
+    masks = dropout_masks(token, x, g, gate, up, down, training, generator)
     bounds, start = [], 0
     for c in counts:
         bounds.append((start, start + c))
@@ -474,7 +458,7 @@ def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.T
     token = token.contiguous()
 
     def routed(x, g, u, weight):
-        return _routed(x, g, u, weight, token, groups, act_fn, gate, up, down, (mask_x, mask_a), x.shape[0])
+        return _routed(x, g, u, weight, token, groups, act_fn, gate, up, down, masks, x.shape[0])
 
     if not torch.is_grad_enabled():
         return routed(x, g, u, weight)

@@ -6,26 +6,27 @@ MixLoRA adapters, each FFN in a `MixLoraFFN`. The wrappers keep the original mod
 `base_layer` / `base_mlp`, so quantized layers stay quantized and nothing is copied.
 
 One forward serves a mixed batch: `forward(input_ids, attention_mask, layout)` where the
-layout says which contiguous rows belong to which adapter.
+layout says which contiguous rows belong to which adapter; the forward installs it for that
+call only (`mlora.model.context`) and returns the logits with the MixLoRA router logits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mlora.config import adapter_name_problem
+from mlora.config import LoraConfig, MixLoraConfig, adapter_name_problem
 from mlora.errors import MloraError
-from mlora.model.context import AdapterContext, BatchLayout
+from mlora.model.context import AdapterContext, BatchLayout, RouterLogits
 from mlora.model.lora import LoraLinear
+from mlora.model.mixlora import FFN_PROJECTIONS, MixLoraFFN
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _WRAPPER_PARTS = re.compile(r"\.(base_mlp|base_layer)(?=\.|$)")
-FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 class AdapterError(MloraError, ValueError):
@@ -39,11 +40,25 @@ class AdaptedOutput:
     Attributes:
         logits: ``(B, T, vocab)`` in the base model's dtype.
         router_logits: adapter name -> list over MixLoRA layers of ``(logits (N, E) fp32,
-            token mask (N,) bool | None)``; empty for LoRA-only batches.
+            token mask (N,) bool | None)``, collected during this forward only; empty for
+            LoRA-only batches. `mlora.model.router.router_aux_loss` turns an entry into a loss.
     """
 
     logits: torch.Tensor
-    router_logits: dict[str, list]
+    router_logits: RouterLogits
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` long positions counting real tokens only, from a ``(B, T)`` attention mask.
+
+    A row's real tokens get positions 0..n-1 whatever padding surrounds them (left padding
+    included), so a padded row computes what it computes alone, as transformers' ``generate``
+    counts them. Padding keeps its column index: it is never attended to, and a right-padded
+    batch gets exactly transformers' default positions.
+    """
+    mask = attention_mask.long()
+    columns = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), mask.cumsum(-1) - 1, columns)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -69,7 +84,7 @@ def _find_projection(layer: nn.Module, target: str) -> str | None:
     return None
 
 
-def lora_kwargs(cfg) -> dict:
+def lora_kwargs(cfg: LoraConfig) -> dict:
     """The `LoraAdapter` keyword arguments of an adapter config (attention / plain LoRA)."""
     return dict(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                 use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, lora_init=cfg.lora_init)
@@ -87,12 +102,10 @@ class MultiAdapterModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.context = AdapterContext()
-        # Shared with the model so the inference API and checkpointing can find it.
-        object.__setattr__(model, "mlora_context", self.context)
-        self.configs: dict = {}
+        self.configs: dict[str, LoraConfig] = {}
 
     # ----------------------------------------------------------------- adapters
-    def add_adapter(self, cfg, *, seed: int | None = None) -> None:
+    def add_adapter(self, cfg: LoraConfig, *, seed: int | None = None) -> None:
         """Inject adapter `cfg.name` (a `LoraConfig` or `MixLoraConfig`) into every layer.
 
         `seed` makes the initial weights reproducible without touching the global RNG.
@@ -123,15 +136,13 @@ class MultiAdapterModel(nn.Module):
             self.remove_adapter(cfg.name)  # leave no half-injected adapter behind
             raise AdapterError(f"adapter {cfg.name!r}: {err}") from err
 
-    def _add_to_layer(self, cfg, index: int, layer: nn.Module) -> None:
-        moe_here = cfg.is_moe and _has_experts(cfg, index)
+    def _add_to_layer(self, cfg: LoraConfig, index: int, layer: nn.Module) -> None:
+        moe_here = isinstance(cfg, MixLoraConfig) and _has_experts(cfg, index)
         for target in cfg.target_modules:
             if moe_here and target in FFN_PROJECTIONS:
                 continue  # the experts carry the FFN LoRA
             self._wrap(layer, _find_projection(layer, target)).add(cfg.name, **lora_kwargs(cfg))
         if moe_here:
-            from mlora.model.mixlora import MixLoraFFN
-
             mlp_path = _find_mlp(layer)
             parent, attr = _parent_and_attr(layer, mlp_path)
             ffn = getattr(parent, attr)
@@ -152,8 +163,6 @@ class MultiAdapterModel(nn.Module):
         """Drop adapter `name` everywhere; wrappers left with no adapter are unwrapped."""
         if name not in self.configs:
             raise AdapterError(f"adapter {name!r} is not loaded (loaded: {list(self.configs)})")
-        from mlora.model.mixlora import MixLoraFFN
-
         for path, module in list(self.model.named_modules()):
             if isinstance(module, (LoraLinear, MixLoraFFN)) and module.remove(name):
                 parent, attr = _parent_and_attr(self.model, path)
@@ -162,8 +171,6 @@ class MultiAdapterModel(nn.Module):
 
     def adapter_modules(self, name: str) -> dict[str, nn.Module]:
         """Path of each wrapper (``model.layers.0.self_attn.q_proj``) -> adapter `name`'s module there."""
-        from mlora.model.mixlora import MixLoraFFN
-
         found = {}
         for path, module in self.model.named_modules():
             # Paths as transformers names the modules: other adapters' wrappers (a MixLoRA FFN
@@ -187,42 +194,42 @@ class MultiAdapterModel(nn.Module):
 
         Args:
             input_ids: ``(B, T)`` token ids.
-            attention_mask: ``(B, T)``, 1 on real tokens and 0 on padding, or None.
-            layout: which rows belong to which adapter; None runs the bare base (or the
-                context's default adapter).
+            attention_mask: ``(B, T)``, 1 on real tokens and 0 on padding, or None. Positions
+                count real tokens only (`position_ids`): left padding shifts nothing.
+            layout: which rows belong to which adapter, installed for this call only; None
+                runs the bare base (or the context's default adapter). A layout without a
+                token mask gets ``attention_mask``'s.
         Returns:
-            `AdaptedOutput` with logits ``(B, T, vocab)`` and the MixLoRA router logits.
+            `AdaptedOutput` with logits ``(B, T, vocab)`` and this call's MixLoRA router logits.
         """
-        if layout is not None and layout.token_mask is None and attention_mask is not None:
-            layout.token_mask = attention_mask.bool()
-        # The layout stays set after the forward; checkpointed layers capture it (context.py).
-        self.context.layout = layout
-        if layout is not None:
-            layout.record = True
-        try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            if layout is not None:
-                layout.record = False
-        return AdaptedOutput(out.logits, layout.router_logits if layout is not None else {})
+        positions = None
+        if attention_mask is not None:
+            positions = position_ids(attention_mask)
+            if layout is not None and layout.token_mask is None:
+                layout = dataclasses.replace(layout, token_mask=attention_mask.bool())
+        with self.context.scope(layout) as scope:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=False)
+        return AdaptedOutput(out.logits, scope.router_logits)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute each decoder layer in backward, with the layout it ran under."""
+        """Recompute each decoder layer in backward, under the scope of the forward it replays."""
         self.model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=self.context.checkpoint_fn)
         self.model.config.use_cache = False
 
 
-def _check_ranks(cfg, layer: nn.Module) -> None:
+def _check_ranks(cfg: LoraConfig, layer: nn.Module) -> None:
     """A LoRA rank above a projection's smaller side adds nothing but memory: refuse it."""
     from mlora.model.quant import linear_features
 
-    expert_r = cfg.expert_settings().r if cfg.is_moe else cfg.r
+    moe = isinstance(cfg, MixLoraConfig)
+    expert_r = cfg.expert_settings().r if moe else cfg.r
     for target in cfg.target_modules:
         module = layer.get_submodule(_find_projection(layer, target))
         if isinstance(module, LoraLinear):
             module = module.base_layer
         width = min(linear_features(module))
-        moe_ffn = cfg.is_moe and target in FFN_PROJECTIONS
+        moe_ffn = moe and target in FFN_PROJECTIONS
         r, key = (expert_r, "expert_lora.r" if cfg.expert_lora is not None else "r") if moe_ffn else (cfg.r, "r")
         if r > width:
             raise AdapterError(f"adapter {cfg.name!r}: {key} = {r} exceeds the width of {target} "
@@ -230,15 +237,12 @@ def _check_ranks(cfg, layer: nn.Module) -> None:
                                f"{width} there: lower {key}")
 
 
-def _has_experts(cfg, layer_index: int) -> bool:
+def _has_experts(cfg: MixLoraConfig, layer_index: int) -> bool:
     """MixLoRA `sparse_step`: experts only on every n-th layer (plain LoRA FFN elsewhere)."""
-    step = getattr(cfg, "sparse_step", None)
-    return not step or layer_index % step == 0
+    return not cfg.sparse_step or layer_index % cfg.sparse_step == 0
 
 
 def _find_mlp(layer: nn.Module) -> str:
-    from mlora.model.mixlora import MixLoraFFN
-
     for path, module in layer.named_children():
         if isinstance(module, MixLoraFFN) or all(hasattr(module, p) for p in FFN_PROJECTIONS):
             return path

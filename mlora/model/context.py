@@ -1,20 +1,30 @@
-"""Which rows of a batch belong to which adapter, shared by every wrapped module.
+"""Which rows of a batch belong to which adapter, and the scope of the one forward that reads it.
 
-A mixed batch is laid out contiguously: rows ``[start, end)`` belong to one adapter.
-The layout is set once per forward on the model's `AdapterContext`; every wrapped
-projection and MixLoRA FFN reads it. It stays set after the forward, and the
-gradient-checkpointing function (`checkpoint_fn`) captures it and puts it back while a
-layer is recomputed during backward, so recomputation sees the same segments even when
-another forward has run in between.
+A mixed batch is laid out contiguously: rows ``[start, end)`` belong to one adapter. The caller
+builds that `BatchLayout`, an immutable value, and passes it into the forward
+(``MultiAdapterModel.forward(input_ids, attention_mask, layout)``). `AdapterContext.scope`
+installs it for exactly that call as a `ForwardScope`, which every wrapped projection and
+MixLoRA FFN reads (segments, random streams, real tokens) and which collects what the MixLoRA
+layers produce (router logits), returned by the forward. When the call ends the scope is gone:
+no module keeps the last batch's state.
+
+Gradient checkpointing recomputes a layer during backward, after its forward's scope has
+ended: `AdapterContext.checkpoint_fn` captures the scope, and the states of the adapters'
+random streams, when the layer runs forward and reinstalls both for the recomputation, which
+thus sees the same segments and draws the same masks, and records no router logits twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+RouterLogits = dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]
+"""Adapter name -> one ``(logits (N, E) fp32, token mask (N,) bool | None)`` per MixLoRA layer."""
 
 
 @dataclass(frozen=True)
@@ -44,108 +54,169 @@ class RealTokens:
     index: torch.Tensor
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class BatchLayout:
-    """The per-forward state every adapter layer reads.
+    """What one forward needs to know about its batch; built by the caller, never changed.
 
     Attributes:
         segments: contiguous row ranges per adapter, ordered, non-overlapping. Rows that no
             segment covers get the base model's output.
         token_mask: ``(B, T)`` bool, True on real (non-padding) tokens, or None when the
-            batch has no padding. MixLoRA layers compute their balance loss over these.
-        router_logits: filled during the forward by MixLoRA layers: adapter name -> list of
-            ``(logits (N, E) fp32, token mask (N,) bool | None)``, one entry per layer.
-        record: MixLoRA layers append to `router_logits` only while True; it is switched
-            off after the forward so recomputation under checkpointing does not append twice.
+            batch has no padding (`MultiAdapterModel.forward` fills it from the attention
+            mask). MixLoRA layers compute their balance loss over these tokens, and random
+            draws cover them only.
         generators: adapter name -> its own random stream for dropout masks and router
-            jitter. With one stream per adapter, drawn over each segment's real tokens only
-            (`real_tokens`), an adapter's masks do not depend on which adapters share its
-            batch. Adapters without one use the global RNG.
+            jitter. With one stream per adapter, drawn over each segment's real tokens only,
+            an adapter's masks do not depend on which adapters share its batch. Adapters
+            without one use the global RNG. The forward advances these streams.
     """
 
     segments: tuple[Segment, ...]
     token_mask: torch.Tensor | None = None
-    router_logits: dict[str, list] = field(default_factory=dict)
-    record: bool = True
-    generators: dict[str, torch.Generator] = field(default_factory=dict)
-    _real: dict = field(default_factory=dict, repr=False, compare=False)
-
-    def real_tokens(self, seg: Segment, tokens_per_row: int) -> RealTokens | None:
-        """The real tokens of `seg`, whose rows hold `tokens_per_row` tokens each.
-
-        None when every token of the segment is real (no `token_mask`, or no padding in its
-        rows): draws then cover the whole segment, the same as over its real tokens. Also
-        None for rows of another width than `token_mask` (no token grid to map them to).
-        Computed once per segment and layout (a host sync on GPU), reused by every layer and
-        by the recomputation under gradient checkpointing.
-        """
-        if self.token_mask is None or self.token_mask.shape[1] != tokens_per_row:
-            return None
-        if seg not in self._real:
-            mask = self.token_mask[seg.start:seg.end].reshape(-1).bool()
-            self._real[seg] = None if bool(mask.all()) else RealTokens(mask, mask.nonzero().squeeze(1))
-        return self._real[seg]
+    generators: Mapping[str, torch.Generator] = field(default_factory=dict)
 
     @staticmethod
-    def from_sizes(names_and_sizes, token_mask=None) -> BatchLayout:
+    def from_sizes(names_and_sizes, token_mask: torch.Tensor | None = None,
+                   generators: Mapping[str, torch.Generator] | None = None) -> BatchLayout:
         """Lay out adapters in the given order: ``[("a", 2), ("b", 3)]`` -> a: [0,2), b: [2,5)."""
         segments, start = [], 0
         for name, size in names_and_sizes:
             segments.append(Segment(name, start, start + size))
             start += size
-        return BatchLayout(tuple(segments), token_mask)
+        return BatchLayout(tuple(segments), token_mask, dict(generators or {}))
+
+
+class ForwardScope:
+    """One forward under one layout: what the layers read, and the router logits they write.
+
+    Created by `AdapterContext.scope` for the duration of one call. `layout` None: no layout
+    (the context's default adapter, if any, serves every row).
+
+    Attributes:
+        layout: the `BatchLayout` of the call, or None.
+        router_logits: filled during the call by the MixLoRA layers (`record`), in layer order.
+    """
+
+    def __init__(self, layout: BatchLayout | None, *, record: bool = True, real: dict | None = None):
+        self.layout = layout
+        self.router_logits: RouterLogits = {}
+        self._record = record
+        # Segment -> RealTokens | None, computed once per forward and shared with its recomputation.
+        self._real = {} if real is None else real
+
+    def replay(self) -> ForwardScope:
+        """The scope for recomputing a layer of this forward: same layout, nothing recorded."""
+        return ForwardScope(self.layout, record=False, real=self._real)
+
+    def record(self, name: str, logits: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Keep a MixLoRA layer's router ``logits (N, E)`` of adapter `name` (mask ``(N,)`` or None)."""
+        if self._record:
+            self.router_logits.setdefault(name, []).append((logits, mask))
+
+    def generator(self, name: str) -> torch.Generator | None:
+        return self.layout.generators.get(name) if self.layout is not None else None
+
+    def segment_mask(self, seg: Segment) -> torch.Tensor | None:
+        """``(rows * T,)`` bool, the token mask of `seg`'s rows flattened, or None (no mask known)."""
+        if self.layout is None or self.layout.token_mask is None:
+            return None
+        return self.layout.token_mask[seg.start:seg.end].reshape(-1).bool()
+
+    def real_tokens(self, seg: Segment, tokens_per_row: int) -> RealTokens | None:
+        """The real tokens of `seg`, whose rows hold `tokens_per_row` tokens each.
+
+        None when every token of the segment is real (no token mask, or no padding in its
+        rows): draws then cover the whole segment, the same as over its real tokens. Also
+        None for rows of another width than the token mask (no token grid to map them to).
+        Computed once per segment and forward (a host sync on GPU), reused by every layer and
+        by the recomputation under gradient checkpointing.
+        """
+        layout = self.layout
+        if layout is None or layout.token_mask is None or layout.token_mask.shape[1] != tokens_per_row:
+            return None
+        if seg not in self._real:
+            mask = layout.token_mask[seg.start:seg.end].reshape(-1).bool()
+            self._real[seg] = None if bool(mask.all()) else RealTokens(mask, mask.nonzero().squeeze(1))
+        return self._real[seg]
 
 
 class AdapterContext:
-    """Holds the current `BatchLayout` for one adapted model (one instance per model).
+    """The scope of the forward now running over one adapted model (one instance per model).
 
-    When no layout is set, `default_adapter` (if any) applies to every row: that is how a
-    model returned by the inference API behaves like a plain transformers model.
+    Every wrapper of the model holds this object; outside a forward it holds no batch state.
+    `default_adapter` (configuration, not per-call state) applies to every row when no layout
+    is installed: that is how a model returned by the inference API behaves like a plain
+    transformers model.
     """
 
     def __init__(self):
-        self.layout: BatchLayout | None = None
         self.default_adapter: str | None = None
+        self._scope: ForwardScope | None = None
 
-    def generator(self, name: str) -> torch.Generator | None:
-        """Adapter `name`'s random stream in the current layout (None: the global RNG)."""
-        return self.layout.generators.get(name) if self.layout is not None else None
+    @contextlib.contextmanager
+    def scope(self, layout: BatchLayout | None) -> Iterator[ForwardScope]:
+        """Install `layout` for the calls of the model made inside; yields their `ForwardScope`."""
+        with self._installed(ForwardScope(layout)) as scope:
+            yield scope
 
-    def real_tokens(self, seg: Segment, tokens_per_row: int) -> RealTokens | None:
-        """`BatchLayout.real_tokens` of the current layout (None without one: no padding known)."""
-        return self.layout.real_tokens(seg, tokens_per_row) if self.layout is not None else None
+    @contextlib.contextmanager
+    def _installed(self, scope: ForwardScope | None) -> Iterator[ForwardScope | None]:
+        previous, self._scope = self._scope, scope
+        try:
+            yield scope
+        finally:
+            self._scope = previous
 
+    # What the layers read; without a scope: the default adapter, the global RNG, no padding known.
     def segments(self, batch_size: int) -> tuple[Segment, ...]:
-        if self.layout is not None:
-            return self.layout.segments
+        """The segments of the current forward (rows of a ``batch_size``-row input)."""
+        layout = self._scope.layout if self._scope is not None else None
+        if layout is not None:
+            return layout.segments
         if self.default_adapter is not None:
             return (Segment(self.default_adapter, 0, batch_size),)
         return ()
 
-    @contextlib.contextmanager
-    def using(self, layout: BatchLayout | None):
-        previous = self.layout
-        self.layout = layout
-        try:
-            yield layout
-        finally:
-            self.layout = previous
+    def generator(self, name: str) -> torch.Generator | None:
+        """Adapter `name`'s random stream in the current forward (None: the global RNG)."""
+        return self._scope.generator(name) if self._scope is not None else None
+
+    def real_tokens(self, seg: Segment, tokens_per_row: int) -> RealTokens | None:
+        """`ForwardScope.real_tokens` of the current forward (None without one)."""
+        return self._scope.real_tokens(seg, tokens_per_row) if self._scope is not None else None
+
+    def segment_mask(self, seg: Segment) -> torch.Tensor | None:
+        """`ForwardScope.segment_mask` of the current forward (None without one)."""
+        return self._scope.segment_mask(seg) if self._scope is not None else None
+
+    def record(self, name: str, logits: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Hand router logits to the current forward's collector (dropped outside a forward)."""
+        if self._scope is not None:
+            self._scope.record(name, logits, mask)
 
     def checkpoint_fn(self, function, *args, **kwargs):
-        """A drop-in for `torch.utils.checkpoint.checkpoint` that keeps the layout.
+        """A drop-in for `torch.utils.checkpoint.checkpoint` that replays under the forward's scope.
 
-        The recomputation in backward runs `function` again; it must see the layout of
-        the forward it replays, not whatever is current when backward runs.
+        The first call of `function` is the forward itself, in its own scope. The recomputation
+        in backward runs it again after that scope has ended: it gets the same layout (with the
+        same real tokens) in a scope that records nothing, and the adapters' streams are put
+        back to their states of the forward, so it draws the same masks and jitter.
         """
-        layout = self.layout
-        # torch restores the global RNG for the replay; the adapters' own streams too.
-        states = {n: g.get_state() for n, g in layout.generators.items()} if layout is not None else {}
+        scope = self._scope
+        generators = scope.layout.generators if scope is not None and scope.layout is not None else {}
+        # torch restores the global RNG for the recomputation; the adapters' own streams here.
+        states = {name: g.get_state() for name, g in generators.items()}
+        calls = 0
 
-        def replay(*inner):
+        def run(*inner):
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return function(*inner)
             for name, state in states.items():
-                layout.generators[name].set_state(state)
-            with self.using(layout):
+                generators[name].set_state(state)
+            with self._installed(scope.replay() if scope is not None else None):
                 return function(*inner)
 
         kwargs.setdefault("use_reentrant", False)
-        return checkpoint(replay, *args, **kwargs)
+        return checkpoint(run, *args, **kwargs)

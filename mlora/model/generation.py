@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from mlora.errors import MloraError
-from mlora.model.adapted import MultiAdapterModel, decoder_layers
-from mlora.model.context import BatchLayout, Segment
+from mlora.model.adapted import MultiAdapterModel, decoder_layers, position_ids
+from mlora.model.context import BatchLayout, RouterLogits, Segment
+from mlora.model.mixlora import MixLoraFFN
+from mlora.model.router import route
 
 
 class GenerationError(MloraError, ValueError):
@@ -167,10 +169,10 @@ def generate_rows(model: MultiAdapterModel, prompts: Sequence[Sequence[int]], ad
     for _ in range(settings.max_new_tokens):
         new = attention[:, -input_ids.shape[1]:]  # the mask of this step's tokens: padding only in the prompts
         layout = _layout([row.adapter for row in active], None if bool(new.all()) else new.bool())
-        logits, cache = _step(model, input_ids, attention, positions, cache, layout)
+        logits, cache, router_logits = _step(model, input_ids, attention, positions, cache, layout)
         logits = logits[:, -1].float()                                    # (B, vocab)
         chosen = _next_tokens(logits, settings, generators)               # (B,)
-        routing = _routing(model, layout, moe_layers, input_ids.shape[1])
+        routing = _routing(model, layout, router_logits, moe_layers, input_ids.shape[1])
         for b, (row, token) in enumerate(zip(active, chosen.tolist())):
             row.tokens.append(token)
             if b in routing:
@@ -214,8 +216,7 @@ def _left_padded(prompts, pad_token_id: int, device):
     for b, prompt in enumerate(prompts):
         ids[b, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
         mask[b, width - len(prompt):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    return ids.to(device), mask.to(device), positions.to(device)
+    return ids.to(device), mask.to(device), position_ids(mask).to(device)
 
 
 def _layout(adapters: list[str | None], token_mask: torch.Tensor | None) -> BatchLayout:
@@ -235,7 +236,9 @@ def _cache_argument(hf_model) -> str:
 
 
 def _step(model: MultiAdapterModel, input_ids, attention, positions, cache, layout: BatchLayout):
-    """One forward of the shared base over the batch under `layout`: ``(logits (B, 1, V), cache)``.
+    """One forward of the shared base over the batch under `layout`.
+
+    Returns ``(logits (B, 1, V), cache, router logits of this step)``.
 
     Args:
         input_ids: ``(B, T)`` new tokens (the padded prompts first, then one per row).
@@ -245,10 +248,11 @@ def _step(model: MultiAdapterModel, input_ids, attention, positions, cache, layo
     """
     hf_model = model.model
     name = _cache_argument(hf_model)
-    with model.context.using(layout):
+    # The layout is installed for this one call (the KV cache is an argument forward does not take).
+    with model.context.scope(layout) as scope:
         out = hf_model(input_ids=input_ids, attention_mask=attention, position_ids=positions[:, -input_ids.shape[1]:],
                        use_cache=True, logits_to_keep=1, **{name: cache})
-    return out.logits, getattr(out, name)
+    return out.logits, getattr(out, name), scope.router_logits
 
 
 def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generators) -> torch.Tensor:
@@ -271,26 +275,23 @@ def _is_moe(model: MultiAdapterModel, name: str | None) -> bool:
 
 def _moe_layers(model: MultiAdapterModel, name: str) -> tuple[int, ...]:
     """Indices of the decoder layers whose FFN holds adapter `name`'s experts, in forward order."""
-    from mlora.model.mixlora import MixLoraFFN
-
     return tuple(i for i, layer in enumerate(decoder_layers(model.model))
                  if any(isinstance(m, MixLoraFFN) and name in m.moes for m in layer.modules()))
 
 
-def _routing(model: MultiAdapterModel, layout: BatchLayout, moe_layers: dict, width: int) -> dict[int, TokenRouting]:
+def _routing(model: MultiAdapterModel, layout: BatchLayout, router_logits: RouterLogits, moe_layers: dict,
+             width: int) -> dict[int, TokenRouting]:
     """Batch row -> the routing of its last position, for the rows of MixLoRA adapters.
 
-    `layout.router_logits[name]` holds one ``(logits (rows * width, E), mask)`` per MixLoRA
-    layer of adapter `name`, for the rows of its segment.
+    `router_logits[name]` holds one ``(logits (rows * width, E), mask)`` per MixLoRA layer of
+    adapter `name`, for the rows of its segment.
     """
-    from mlora.model.mixlora import route
-
     out = {}
     for seg in layout.segments:
         if seg.name not in moe_layers:
             continue
         cfg = model.configs[seg.name]
-        entries = layout.router_logits[seg.name]
+        entries = router_logits[seg.name]
         layers = moe_layers[seg.name]
         if len(entries) != len(layers):
             raise RuntimeError(f"adapter {seg.name!r}: {len(entries)} router outputs for {len(layers)} MixLoRA layers")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.kernels.dispatch import segmented_lora_add  # Triton on CUDA, torch elsewhere
+from mlora.kernels.backend import segmented_lora_add  # Triton on CUDA, torch elsewhere
 from mlora.kernels.lora import token_dropout_mask
 from mlora.model.adapter_dict import AdapterDict
 from mlora.model.context import AdapterContext, RealTokens

@@ -1,8 +1,8 @@
 """MixLoRA / MixDoRA: LoRA experts with a router inside each SwiGLU FFN (arXiv 2404.15159).
 
 Expert ``e`` of an adapter is the frozen FFN ``down(act(gate h) * up h)`` with its own LoRA
-on the targeted FFN projections. A per-adapter router picks experts per token; the FFN
-output is ``sum_e w_e expert_e(h)``.
+on the targeted FFN projections. A per-adapter router (`mlora.model.router`) picks experts
+per token; the FFN output is ``sum_e w_e expert_e(h)``.
 
 Shared-base computation (`MixLoraFFN`, exact by linearity, DESIGN.md section 5):
     * the frozen ``gate`` and ``up`` run once per token, for all experts (and all adapters);
@@ -12,34 +12,33 @@ Shared-base computation (`MixLoraFFN`, exact by linearity, DESIGN.md section 5):
       added with the same weights. DoRA rescales the down output per expert, which breaks
       that linearity, so a DoRA down projection falls back to the frozen ``down`` per
       routed pair.
-`reference_forward` keeps the plain per-expert computation the fast path is tested against.
+The plain per-expert computation this is tested against lives with the tests
+(``tests/model/reference_moe.py``).
 
-Routing strategies: ``mixlora`` (softmax, top-k, renormalised), ``mixlora-switch`` (top-1
-weighted by its probability, ``expert_capacity`` tokens per expert and sequence; tokens over
-capacity get the frozen FFN output), ``mixlora-dynamic`` (the smallest set of experts whose
-probability mass reaches ``top_p``, weighted by their probabilities). Padding takes no
-expert in any strategy (it gets the frozen FFN), and every random draw (jitter, dropout)
-covers real tokens only: an adapter's segment trains the same whatever padding its
-neighbours in the batch bring (`mlora.model.context.RealTokens`).
+Every expert LoRA draws its own dropout mask per projection (gate, up, down, in that order,
+over the routed pairs sorted by expert), as the official package's LoRA layers do. Padding
+is routed to no expert and every random draw covers real tokens only: an adapter's segment
+trains the same whatever padding its neighbours in the batch bring
+(`mlora.model.context.RealTokens`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from mlora.kernels.dispatch import expert_ffn  # Triton on CUDA, the torch path elsewhere
+from mlora.config import MixLoraConfig
+from mlora.kernels.backend import expert_ffn  # Triton on CUDA, the torch path elsewhere
 from mlora.kernels.expert_ffn import ExpertLoraWeights
 from mlora.kernels.lora import token_dropout_mask
 from mlora.model.adapter_dict import AdapterDict
 from mlora.model.context import AdapterContext, RealTokens
 from mlora.model.lora import LoraLinear
 from mlora.model.quant import dense_weight, linear_features
+from mlora.model.router import Router
 
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -95,7 +94,7 @@ class ExpertLora(nn.Module):
     def _drop(self, x: torch.Tensor, generator=None) -> torch.Tensor:
         if not (self.dropout > 0 and self.training):
             return x
-        # Rows are routed pairs of real tokens only (see `route`): the same rows alone or not.
+        # Rows are routed pairs of real tokens only (`router.route`): the same rows alone or not.
         mask = token_dropout_mask(x.shape[0], x.shape[1], self.dropout, x.device, generator)
         return x * mask / (1.0 - self.dropout)
 
@@ -123,117 +122,16 @@ class ExpertLora(nn.Module):
         out = base_out + delta
         return out * scale[experts] if scale is not None else out
 
-    def single(self, e: int, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module,
-               generator=None) -> torch.Tensor:
-        """Expert `e` alone on ``x (n, in)`` with frozen output ``base_out (n, out)``: the reference."""
-        out = base_out + (self._drop(x, generator) @ self.lora_A[e].T @ self.lora_B[e].T) * self.scaling
-        if self.use_dora:
-            out = out * self.dora_scale(base_layer)[e]
-        return out
-
-
-# ----------------------------------------------------------------------------- routing
-@dataclass
-class Routing:
-    """Which experts each token of a segment uses.
-
-    Attributes:
-        token: ``(M,)`` token index (into the segment's N flattened tokens) of each pair.
-        expert: ``(M,)`` expert index of each pair.
-        weight: ``(M,)`` fp32 routing weight of each pair.
-        dropped: ``(N,)`` bool, tokens over switch capacity (they get the frozen FFN), or None.
-    """
-
-    token: torch.Tensor
-    expert: torch.Tensor
-    weight: torch.Tensor
-    dropped: torch.Tensor | None = None
-
-
-def route(logits: torch.Tensor, strategy: str, *, top_k: int = 2, top_p: float = 1.0,
-          temperature: float = 0.0, capacity: int = 0, seq_len: int = 1,
-          token_mask: torch.Tensor | None = None) -> Routing:
-    """Turn router logits ``(N, E)`` fp32 into (token, expert, weight) pairs.
-
-    `token_mask (N,)` marks the real tokens (None: all real). Padding takes no expert in any
-    strategy: it is left out of the pairs and marked `dropped` (it gets the frozen FFN), so
-    the pairs of real tokens, and the dropout masks drawn over them, are the same whatever
-    padding surrounds them. `seq_len` matters for switch only: capacity is counted per
-    sequence, in position order, over real tokens (padding neither takes nor uses capacity).
-    """
-    n, num_experts = logits.shape
-    probs = F.softmax(logits, dim=-1)
-    tokens = torch.arange(n, device=logits.device)
-    padding = None if token_mask is None else ~token_mask
-    if strategy == "mixlora":
-        weight, expert = probs.topk(top_k, dim=-1)
-        weight = weight / weight.sum(-1, keepdim=True)
-        if token_mask is not None:
-            tokens, expert, weight = tokens[token_mask], expert[token_mask], weight[token_mask]
-        return Routing(tokens.repeat_interleave(top_k), expert.reshape(-1), weight.reshape(-1), dropped=padding)
-    if strategy == "mixlora-dynamic":
-        if temperature > 0:
-            probs = F.softmax(logits / temperature, dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep expert j while the mass before it is still short of top_p: the smallest set
-        # whose mass reaches top_p (always at least one expert).
-        before = sorted_p.cumsum(-1) - sorted_p
-        keep = before < top_p
-        if token_mask is not None:
-            keep &= token_mask[:, None]
-        token = tokens[:, None].expand(-1, num_experts)[keep]
-        return Routing(token, order[keep], sorted_p[keep], dropped=padding)
-    if strategy == "mixlora-switch":
-        weight, expert = probs.max(dim=-1)
-        real = torch.ones(n, dtype=torch.bool, device=logits.device) if token_mask is None else token_mask
-        onehot = F.one_hot(expert, num_experts) * real[:, None]
-        position = onehot.view(-1, seq_len, num_experts).cumsum(dim=1).view(n, num_experts)
-        within = (position * onehot).sum(-1) <= capacity
-        kept = within & real
-        return Routing(tokens[kept], expert[kept], weight[kept], dropped=~kept)
-    raise ValueError(f"unknown routing strategy {strategy!r}")
-
-
-def router_aux_loss(cfg, entries: list) -> torch.Tensor:
-    """The router loss of one adapter for one forward, from ``output.router_logits[name]``.
-
-    `entries` holds one ``(logits (N, E) fp32, token mask (N,) bool | None)`` per MixLoRA
-    layer. All layers' real (non-padding) tokens are pooled, as in Mixtral's loss:
-        balance = coef * E * sum_e f_e * P_e
-    with ``P_e`` the mean router probability of expert e and ``f_e`` the fraction of tokens
-    that route to e (top-k; top-1 before capacity for switch; the top-p set for dynamic).
-    Switch adds ``z_coef * mean(logsumexp(logits)^2)``. Returns a 0-dim fp32 tensor (0 when
-    ``router_loss`` is off or there are no entries).
-    """
-    if not entries or not cfg.router_loss:
-        device = entries[0][0].device if entries else None
-        return torch.zeros((), device=device)
-    logits = torch.cat([lg if m is None else lg[m] for lg, m in entries]).float()
-    num_experts = logits.shape[-1]
-    probs = F.softmax(logits, dim=-1)
-    if cfg.routing_strategy == "mixlora":
-        chosen = F.one_hot(probs.topk(cfg.top_k, dim=-1).indices, num_experts).sum(1)
-    elif cfg.routing_strategy == "mixlora-switch":
-        chosen = F.one_hot(probs.argmax(-1), num_experts)
-    else:
-        r = route(logits, "mixlora-dynamic", top_p=cfg.top_p, temperature=cfg.temperature)
-        chosen = torch.zeros_like(probs).index_put_((r.token, r.expert), torch.ones_like(r.weight))
-    balance = num_experts * (chosen.float().mean(0) * probs.mean(0)).sum()
-    loss = cfg.router_aux_loss_coef * balance
-    if cfg.routing_strategy == "mixlora-switch":
-        loss = loss + cfg.router_z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
-    return loss
-
 
 # ----------------------------------------------------------------------------- one adapter
 class MixLoraMoe(nn.Module):
     """One MixLoRA adapter's router and experts inside one FFN.
 
-    ``moe_gate.weight (E, hidden)`` fp32 is the router (no bias); ``experts`` maps each
-    targeted FFN projection name to its stacked `ExpertLora`.
+    ``moe_gate`` is the adapter's `Router` (``moe_gate.weight (E, hidden)`` fp32, no bias);
+    ``experts`` maps each targeted FFN projection name to its stacked `ExpertLora`.
     """
 
-    def __init__(self, mlp: nn.Module, cfg):
+    def __init__(self, mlp: nn.Module, cfg: MixLoraConfig):
         super().__init__()
         for proj in FFN_PROJECTIONS:
             if getattr(_base(getattr(mlp, proj)), "bias", None) is not None:
@@ -243,8 +141,7 @@ class MixLoraMoe(nn.Module):
         hidden, _ = linear_features(_base(mlp.gate_proj))
         device = _base(mlp.gate_proj).weight.device
         self.cfg = cfg
-        self.moe_gate = nn.Linear(hidden, cfg.num_experts, bias=False, dtype=torch.float32, device=device)
-        nn.init.normal_(self.moe_gate.weight, 0.0, cfg.router_init_range)
+        self.moe_gate = Router(hidden, cfg, device)
         ex = cfg.expert_settings()
         self.experts = nn.ModuleDict({
             proj: ExpertLora(_base(getattr(mlp, proj)), cfg.num_experts, r=ex.r, scaling=ex.scaling,
@@ -257,31 +154,8 @@ class MixLoraMoe(nn.Module):
     def dora_down(self) -> bool:
         return "down_proj" in self.experts and self.experts["down_proj"].use_dora
 
-    def router_logits(self, x: torch.Tensor, generator=None, real: RealTokens | None = None) -> torch.Tensor:
-        """``(N, E)`` fp32 logits for tokens ``x (N, hidden)``; jitter noise only in training.
-
-        The noise is drawn for the real tokens `real` only (None: all N), in their order.
-        """
-        h = x.float()
-        if self.training and self.cfg.jitter_noise > 0:
-            # Noise on the router's input only, so the frozen projections stay shared.
-            j = self.cfg.jitter_noise
-            n = h.shape[0] if real is None else real.index.shape[0]
-            noise = torch.empty(n, h.shape[1], dtype=h.dtype, device=h.device).uniform_(1.0 - j, 1.0 + j,
-                                                                                       generator=generator)
-            if real is not None:
-                noise = torch.ones_like(h).index_put_((real.index,), noise)
-            h = h * noise
-        return self.moe_gate(h)
-
-    def routing(self, x: torch.Tensor, seq_len: int, real: RealTokens | None, generator=None):
-        logits = self.router_logits(x, generator, real)
-        c = self.cfg
-        r = route(logits, c.routing_strategy, top_k=c.top_k, top_p=c.top_p, temperature=c.temperature,
-                  capacity=c.expert_capacity, seq_len=seq_len, token_mask=real.mask if real is not None else None)
-        return logits, r
-
-    def forward(self, x, g, u, mlp, seq_len, real, generator=None):
+    def forward(self, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, mlp: nn.Module, seq_len: int,
+                real: RealTokens | None, generator: torch.Generator | None = None):
         """Shared-base MoE for one segment's N tokens.
 
         Args:
@@ -295,7 +169,7 @@ class MixLoraMoe(nn.Module):
             input), ``extra (N, hidden)`` fp32 to add after the frozen down (or, for a DoRA
             down, the whole output, with ``mixed`` zero), and the router logits ``(N, E)``.
         """
-        logits, r = self.routing(x, seq_len, real, generator)
+        logits, r = self.moe_gate.route_tokens(x, seq_len, real, generator)
         order = torch.argsort(r.expert, stable=True)
         token, expert, weight = r.token[order], r.expert[order], r.weight[order, None]
         counts = torch.bincount(expert, minlength=self.cfg.num_experts).tolist()
@@ -319,7 +193,10 @@ class MixLoraMoe(nn.Module):
         return mixed, extra, logits
 
     def _dora_pairs(self, x, g, u, token, expert, weight, counts, mlp, generator):
-        """MixDoRA experts through plain autograd: ``(mixed (N, I), extra (N, H))`` fp32."""
+        """MixDoRA experts through plain autograd: ``(mixed (N, I), extra (N, H))`` fp32.
+
+        Dropout masks are drawn per projection over all pairs, gate then up then down: the
+        same draws as `expert_ffn` makes for plain LoRA experts."""
         xs = x[token].float()
         gs = self._grouped("gate_proj", xs, g[token].float(), counts, expert, mlp, generator)
         us = self._grouped("up_proj", xs, u[token].float(), counts, expert, mlp, generator)
@@ -347,36 +224,6 @@ class MixLoraMoe(nn.Module):
         scale = ex.dora_scale(_base(getattr(mlp, proj))) if ex.use_dora else None
         return ex.grouped(inp, frozen, counts, expert, scale, generator)
 
-    def reference_forward(self, x, mlp, seq_len, real, generator=None):
-        """The plain per-expert MoE (frozen projections recomputed per expert): the reference.
-
-        ``x (N, hidden)`` -> ``((N, hidden) output, (N, E) router logits)``; `seq_len`, `real`
-        and `generator` as in `forward`.
-        """
-        logits, r = self.routing(x, seq_len, real, generator)
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-
-        def project(proj, e, inp):
-            base = _base(getattr(mlp, proj))
-            frozen = base(inp.to(x.dtype)).float()
-            if proj not in self.experts:
-                return frozen
-            return self.experts[proj].single(e, inp.float(), frozen, base, generator)
-
-        for e in range(self.cfg.num_experts):
-            pick = r.expert == e
-            if not bool(pick.any()):
-                continue
-            tok, w = r.token[pick], r.weight[pick, None]
-            xe = x[tok]
-            a = self.act_fn(project("gate_proj", e, xe)) * project("up_proj", e, xe)
-            out = out.index_add(0, tok, w * project("down_proj", e, a))
-        if r.dropped is not None and bool(r.dropped.any()):
-            idx = r.dropped.nonzero().squeeze(1)
-            base_ffn = _base(mlp.down_proj)(mlp.act_fn(_base(mlp.gate_proj)(x[idx])) * _base(mlp.up_proj)(x[idx]))
-            out = out.index_add(0, idx, base_ffn.float())
-        return out, logits
-
 
 # ----------------------------------------------------------------------------- the FFN
 class MixLoraFFN(nn.Module):
@@ -384,18 +231,18 @@ class MixLoraFFN(nn.Module):
 
     ``forward(h (B, T, hidden)) -> (B, T, hidden)``. Rows of MixLoRA segments are routed by
     their adapter's router; all other rows run the FFN as usual (through the LoRA wrappers
-    on its projections). The frozen gate, up and down run once over all rows.
-    Set ``use_reference = True`` to run the per-expert reference instead (tests, benchmarks).
+    on its projections). The frozen gate, up and down run once over all rows. Each MixLoRA
+    segment's router logits go to the forward's collector (`AdapterContext.record`).
     """
 
     def __init__(self, base_mlp: nn.Module, context: AdapterContext):
         super().__init__()
         self.base_mlp = base_mlp
         self.moes = AdapterDict()
-        self.use_reference = False
+        # A plain attribute, not a submodule: the context is shared by every wrapper.
         object.__setattr__(self, "context", context)
 
-    def add(self, cfg) -> MixLoraMoe:
+    def add(self, cfg: MixLoraConfig) -> MixLoraMoe:
         self.moes[cfg.name] = MixLoraMoe(self.base_mlp, cfg)
         return self.moes[cfg.name]
 
@@ -408,25 +255,13 @@ class MixLoraFFN(nn.Module):
     def base_module(self) -> nn.Module:
         return self.base_mlp
 
-    def _record(self, name: str, logits: torch.Tensor, mask: torch.Tensor | None) -> None:
-        layout = self.context.layout
-        if layout is not None and layout.record:
-            layout.router_logits.setdefault(name, []).append((logits, mask))
-
-    def _segment_mask(self, seg):
-        layout = self.context.layout
-        if layout is None or layout.token_mask is None:
-            return None
-        return layout.token_mask[seg.start:seg.end].reshape(-1).bool()
-
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``h (B, T, hidden) -> (B, T, hidden)`` under the segments of the current forward."""
         mlp = self.base_mlp
         segments = [s for s in self.context.segments(h.shape[0]) if s.name in self.moes]
         if not segments:
             return mlp(h)
         batch, seq_len, hidden = h.shape
-        if self.use_reference:
-            return self._reference(h, segments)
         g, u = mlp.gate_proj(h), mlp.up_proj(h)
         acts, extras, position = [], {}, 0
         for seg in segments:
@@ -439,7 +274,7 @@ class MixLoraFFN(nn.Module):
             mixed, extra, logits = self.moes[seg.name](
                 h[rows].reshape(n, hidden), g[rows].reshape(n, -1), u[rows].reshape(n, -1),
                 mlp, seq_len, real, self.context.generator(seg.name))
-            self._record(seg.name, logits, self._segment_mask(seg))
+            self.context.record(seg.name, logits, self.context.segment_mask(seg))
             acts.append(mixed.to(g.dtype).view(seg.end - seg.start, seq_len, -1))
             extras[seg] = (extra.view(seg.end - seg.start, seq_len, hidden), real)
             position = seg.end
@@ -471,23 +306,3 @@ class MixLoraFFN(nn.Module):
         mask = token_dropout_mask(tokens, out.shape[-1], p, out.device, generator,
                                   real.index if real is not None else None)
         return out * mask.view(out.shape) / (1.0 - p)
-
-    def _reference(self, h: torch.Tensor, segments) -> torch.Tensor:
-        batch, seq_len, hidden = h.shape
-        out = self.base_mlp(h)  # rows of LoRA adapters and of no adapter
-        pieces, position = [], 0
-        for seg in segments:
-            if seg.start > position:
-                pieces.append(out[position:seg.start])
-            n = (seg.end - seg.start) * seq_len
-            real = self.context.real_tokens(seg, seq_len)
-            moe = self.moes[seg.name]
-            gen = self.context.generator(seg.name)
-            y, logits = moe.reference_forward(h[seg.start:seg.end].reshape(n, hidden), self.base_mlp, seq_len, real, gen)
-            self._record(seg.name, logits, self._segment_mask(seg))
-            y = y.to(h.dtype).view(seg.end - seg.start, seq_len, hidden)
-            pieces.append(self._ffn_dropout(moe, y, gen, real))
-            position = seg.end
-        if position < batch:
-            pieces.append(out[position:])
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]

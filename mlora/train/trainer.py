@@ -349,10 +349,10 @@ def adapter_loss(ar: AdapterRun, token_loss: torch.Tensor, router_entries, rows:
     loss = token_loss.sum() / max(ar.data.batch_targets(ar.position), 1)
     aux = torch.zeros((), device=loss.device)
     if ar.cfg.is_moe and ar.cfg.router_loss and router_entries:
-        from mlora.model import mixlora
+        from mlora.model.router import router_aux_loss
 
         share = rows / len(ar.data.batch_indices(ar.position))
-        aux = mixlora.router_aux_loss(ar.cfg, router_entries).float() * share
+        aux = router_aux_loss(ar.cfg, router_entries).float() * share
     return loss, aux
 
 
@@ -644,6 +644,7 @@ def _train(run: Run, todo: list[LoraConfig]) -> bool:
         progress.close()
         for ar in run.active.values():
             ar.metrics.close()
+        run.parallel.close()
         run.model.eval()
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from mlora.kernels.expert_ffn import ExpertLoraWeights, expert_ffn
+from mlora.kernels.lora import dropout_mask
 
 
 def problem(dtype=torch.float64, dropout=0.0, seed=0):
@@ -25,19 +26,24 @@ def problem(dtype=torch.float64, dropout=0.0, seed=0):
     return x, g, u, token, weight, counts, proj
 
 
-def plain(x, g, u, token, weight, counts, proj, act=F.silu):
-    """The same math as one autograd expression, pair by pair (no dropout)."""
+def plain(x, g, u, token, weight, counts, proj, act=F.silu, masks=None):
+    """The same math as one autograd expression, pair by pair; `masks`: the keep-masks of the
+    gate, up and down LoRA inputs, ``{name: (M, width) bool}`` (None: no dropout)."""
     experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     mixed = torch.zeros(x.shape[0], g.shape[1], dtype=x.dtype)
     extra = torch.zeros_like(x)
+
+    def lora(name, i, e, v):
+        p = proj[name]
+        if masks is not None:
+            v = v * masks[name][i] / (1.0 - p.dropout)
+        return p.scaling * p.B[e] @ (p.A[e] @ v)
+
     for i in range(token.shape[0]):
         t, e, w = token[i], experts[i], weight[i]
-        gg = g[t] + proj["gate"].scaling * proj["gate"].B[e] @ (proj["gate"].A[e] @ x[t])
-        uu = u[t] + proj["up"].scaling * proj["up"].B[e] @ (proj["up"].A[e] @ x[t])
-        a = act(gg) * uu
+        a = act(g[t] + lora("gate", i, e, x[t])) * (u[t] + lora("up", i, e, x[t]))
         mixed = mixed.index_add(0, t[None], (w * a)[None])
-        d = proj["down"].scaling * proj["down"].B[e] @ (proj["down"].A[e] @ a)
-        extra = extra.index_add(0, t[None], (w * d)[None])
+        extra = extra.index_add(0, t[None], (w * lora("down", i, e, a))[None])
     return mixed, extra
 
 
@@ -76,3 +82,19 @@ def test_gradients_are_exact_by_finite_differences(dropout, targets):
 
     inputs = [t.requires_grad_(True) for t in (x, g, u, weight, *params)]
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_gate_up_and_down_each_draw_their_own_mask():
+    """As each LoRA layer of the official mixlora package: one mask per projection, drawn from
+    the stream in the order gate, up, down over the pairs."""
+    x, g, u, token, weight, counts, proj = problem(dropout=0.5)
+    mixed, extra = expert_ffn(x, g, u, token, weight, counts, F.silu, proj["gate"], proj["up"], proj["down"], True,
+                              torch.Generator().manual_seed(3))
+    stream = torch.Generator().manual_seed(3)
+    m = token.shape[0]
+    masks = {name: dropout_mask((m, width), 0.5, "cpu", stream)
+             for name, width in (("gate", x.shape[1]), ("up", x.shape[1]), ("down", g.shape[1]))}
+    assert not torch.equal(masks["gate"], masks["up"])
+    ref_m, ref_e = plain(x, g, u, token, weight, counts, proj, masks=masks)
+    torch.testing.assert_close(mixed, ref_m)
+    torch.testing.assert_close(extra, ref_e)

@@ -1,17 +1,19 @@
-"""The LoRA delta function: values against the plain expression, gradients by finite differences."""
+"""The segmented LoRA delta function: values against the plain expression, gradients by finite
+differences; the dropout masks."""
 
 import pytest
 import torch
 
-from mlora.kernels.lora import dropout_mask, lora_delta
+from mlora.kernels.lora import dropout_mask, segmented_lora_delta
+from tests.kernels.plain import plain_lora_delta
 
 
 def test_matches_the_plain_expression_without_dropout():
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 6, generator=gen, requires_grad=True)
+    x = torch.randn(6, 6, generator=gen, requires_grad=True)
     A = torch.randn(2, 6, generator=gen, requires_grad=True)
     B = torch.randn(5, 2, generator=gen, requires_grad=True)
-    ours = lora_delta(x, A, B, 1.5, 0.0, training=True)
+    ours = segmented_lora_delta(x, [(0, 6, 0)], [A], [B], [1.5], [0.0], training=True)
     ref = 1.5 * x @ A.T @ B.T
     torch.testing.assert_close(ours, ref)
     g = torch.randn_like(ref)
@@ -42,31 +44,30 @@ def test_dropout_masks_follow_their_generator():
 def test_dropout_scales_kept_inputs_and_is_off_in_eval():
     x = torch.ones(4000, 1)
     A, B = torch.ones(1, 1), torch.ones(1, 1)
-    out = lora_delta(x, A, B, 1.0, 0.25, training=True)
+    out = segmented_lora_delta(x, [(0, 4000, 0)], [A], [B], [1.0], [0.25], training=True)
     kept = out != 0
     assert torch.allclose(out[kept], torch.tensor(1 / 0.75))
     assert 0.7 < kept.float().mean().item() < 0.8
-    assert torch.equal(lora_delta(x, A, B, 1.0, 0.25, training=False), x)
+    assert torch.equal(segmented_lora_delta(x, [(0, 4000, 0)], [A], [B], [1.0], [0.25], training=False), x)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_gradients_are_exact_by_finite_differences(dropout):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    A = torch.randn(2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    As = [torch.randn(r, 6, generator=gen, dtype=torch.float64, requires_grad=True) for r in (2, 3)]
+    Bs = [torch.randn(5, r, generator=gen, dtype=torch.float64, requires_grad=True) for r in (2, 3)]
 
-    def fn(x, A, B):
-        torch.manual_seed(0)  # the same dropout mask at every evaluation
-        return lora_delta(x, A, B, 0.7, dropout, training=True)
+    def fn(x, A0, A1, B0, B1):
+        torch.manual_seed(0)  # the same dropout masks at every evaluation
+        return segmented_lora_delta(x, [(0, 3, 1), (4, 7, 0)], [A0, A1], [B0, B1], [0.7, 1.3], [dropout, dropout],
+                                    training=True)
 
-    assert torch.autograd.gradcheck(fn, (x, A, B), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (x, *As, *Bs), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_segmented_deltas_equal_one_call_per_segment(dropout):
-    from mlora.kernels.lora import segmented_lora_delta
-
+def test_segmented_deltas_equal_the_plain_expression_per_segment(dropout):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(10, 6, generator=gen, requires_grad=True)
     As = [torch.randn(r, 6, generator=gen, requires_grad=True) for r in (2, 3)]
@@ -79,7 +80,7 @@ def test_segmented_deltas_equal_one_call_per_segment(dropout):
     for start, end, i in segments:
         if end > start:
             ref = ref.index_add(0, torch.arange(start, end),
-                                lora_delta(x[start:end], As[i], Bs[i], [0.5, 2.0][i], dropout, True, gens[i]))
+                                plain_lora_delta(x[start:end], As[i], Bs[i], [0.5, 2.0][i], dropout, True, gens[i]))
     torch.testing.assert_close(ours, ref)
     assert torch.equal(ours[3], torch.zeros(5))
     g = torch.randn_like(ref)
@@ -92,8 +93,6 @@ def test_segmented_deltas_equal_one_call_per_segment(dropout):
 def test_masks_over_real_rows_equal_the_real_rows_alone(dropout):
     """With `real` rows given, a segment's real rows get the deltas (and gradients) of those rows
     run alone with the same stream; its other rows (padding) are dropped, however many."""
-    from mlora.kernels.lora import segmented_lora_delta
-
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(12, 6, generator=gen, requires_grad=True)
     As = [torch.randn(r, 6, generator=gen, requires_grad=True) for r in (2, 3)]
@@ -108,7 +107,7 @@ def test_masks_over_real_rows_equal_the_real_rows_alone(dropout):
     ours = segmented_lora_delta(x, segments, As, Bs, [0.5, 2.0], [dropout, dropout], True, streams(), real)
     ref = torch.zeros(12, 5)
     for (_, _, i), index, stream in zip(segments, rows, streams()):
-        ref = ref.index_add(0, index, lora_delta(x[index], As[i], Bs[i], [0.5, 2.0][i], dropout, True, stream))
+        ref = ref.index_add(0, index, plain_lora_delta(x[index], As[i], Bs[i], [0.5, 2.0][i], dropout, True, stream))
     torch.testing.assert_close(ours, ref)
     padding = [3, 6, 7, 11]
     assert torch.equal(ours[padding], torch.zeros(4, 5))

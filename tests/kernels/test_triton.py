@@ -3,7 +3,7 @@
 Without CUDA the kernels run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``,
 set here before anything imports Triton); the shapes stay tiny because the interpreter
 runs every program in Python. With CUDA the same tests run the compiled kernels on the
-GPU, and the ``gpu``-marked ones add larger shapes and the dispatch.
+GPU, and the ``gpu``-marked ones add larger shapes and the backend choice.
 """
 
 import os
@@ -17,11 +17,11 @@ pytest.importorskip("triton")
 
 import torch.nn.functional as F
 
-from mlora.kernels import dispatch, triton_lora
+from mlora.kernels import backend, triton_lora
 from mlora.kernels import lora as torch_lora
 from mlora.kernels.expert_ffn import ExpertLoraWeights, expert_ffn
-from mlora.kernels.lora import lora_delta
 from mlora.kernels.triton_lora import BLOCK_M, Groups, grouped_expand, grouped_shrink
+from tests.kernels.plain import plain_lora_delta
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -90,7 +90,7 @@ def test_segmented_lora_matches_the_torch_path_per_segment(dtype, dropouts):
     for start, end, a in SEGMENTS:
         if start > position:
             pieces.append(torch.zeros(start - position, 7, device=DEVICE))
-        pieces.append(lora_delta(x[start:end], As[a], Bs[a], SCALINGS[a], dropouts[a], True, ref_streams[a]))
+        pieces.append(plain_lora_delta(x[start:end], As[a], Bs[a], SCALINGS[a], dropouts[a], True, ref_streams[a]))
         position = end
     ref = torch.cat(pieces)
     assert ours.dtype == torch.float32 and ours.shape == (11, 7)
@@ -145,25 +145,10 @@ def test_grouped_products_with_a_given_mask_match_the_plain_expression():
     assert_grads_close(grads(ours, inputs), grads(ref, inputs), inputs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_lora_delta_matches_the_torch_path_mask_for_mask(dtype, dropout):
-    gen = torch.Generator().manual_seed(2)
-    x = rnd(gen, 2, 3, 8, dtype=dtype)
-    A, B = rnd(gen, 4, 8, scale=0.5), rnd(gen, 6, 4, scale=0.5)
-    # The same draw gives the same dropout mask.
-    ours = triton_lora.lora_delta(x, A, B, 1.5, dropout, True, torch.Generator(DEVICE).manual_seed(5))
-    ref = lora_delta(x, A, B, 1.5, dropout, True, torch.Generator(DEVICE).manual_seed(5))
-    assert ours.shape == ref.shape == (2, 3, 6) and ours.dtype == ref.dtype
-    torch.testing.assert_close(ours, ref, **TIGHT)
-    inputs = (x, A, B)
-    assert_grads_close(grads(ours, inputs), grads(ref, inputs), inputs)
-
-
 def test_ranks_above_one_rank_block_loop_over_chunks():
     gen = torch.Generator().manual_seed(3)
     x, A, B = rnd(gen, 3, 5), rnd(gen, 70, 5, scale=0.2), rnd(gen, 4, 70, scale=0.2)
-    ours = triton_lora.lora_delta(x, A, B, 0.25, 0.0, training=False)
+    ours = triton_lora.segmented_lora_delta(x, [(0, 3, 0)], [A], [B], [0.25], [0.0], training=False)
     ref = 0.25 * x @ A.T @ B.T
     torch.testing.assert_close(ours, ref, **TIGHT)
     inputs = (x, A, B)
@@ -258,30 +243,32 @@ def test_grouped_shrink_names_the_shapes_it_refuses():
         grouped_shrink(x, A, groups, mask=torch.ones(1, 2, 3, dtype=torch.bool, device=DEVICE))
 
 
-# --------------------------------------------------------------------------- dispatch
+# --------------------------------------------------------------------------- backend
 
 
-def test_dispatch_takes_the_torch_path_off_cuda():
+def test_backend_takes_the_torch_path_off_cuda():
     x = torch.randn(3, 4)
-    assert not dispatch.use_triton(x)
+    assert not backend.use_triton(x)
     A, B = torch.randn(2, 4), torch.randn(5, 2)
-    assert torch.equal(dispatch.lora_delta(x, A, B, 2.0, 0.0, False), lora_delta(x, A, B, 2.0, 0.0, False))
+    base = torch.randn(3, 5)
+    ours = backend.segmented_lora_add(base.clone(), x, [(0, 3, 0)], [A], [B], [2.0], [0.0], False)
+    torch.testing.assert_close(ours, base + plain_lora_delta(x, A, B, 2.0, 0.0, False))
     gen = torch.Generator().manual_seed(9)
     g, u = torch.randn(3, 6, generator=gen), torch.randn(3, 6, generator=gen)
     proj = ExpertLoraWeights(torch.randn(2, 1, 4, generator=gen), torch.randn(2, 6, 1, generator=gen), 1.0, 0.0)
     token, weight = torch.tensor([0, 2, 1]), torch.tensor([1.0, 0.5, 0.25])
     args = (x, g, u, token, weight, [2, 1], F.silu, proj, None, None, False)
-    for a, b in zip(dispatch.expert_ffn(*args), expert_ffn(*args)):
+    for a, b in zip(backend.expert_ffn(*args), expert_ffn(*args)):
         assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
 @gpu
-def test_dispatch_uses_triton_on_cuda_unless_disabled(monkeypatch):
+def test_backend_uses_triton_on_cuda_unless_disabled(monkeypatch):
     x = torch.randn(3, 4, device="cuda")
-    assert dispatch.use_triton(x)
-    monkeypatch.setenv(dispatch.DISABLE_ENV, "1")
-    assert not dispatch.use_triton(x)
+    assert backend.use_triton(x)
+    monkeypatch.setenv(backend.DISABLE_ENV, "1")
+    assert not backend.use_triton(x)
 
 
 @pytest.mark.gpu

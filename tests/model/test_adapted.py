@@ -216,3 +216,25 @@ def test_every_name_the_config_accepts_works_in_the_model():
     for name in ("v1.0", "train", "to"):
         adapted.remove_adapter(name)
     assert not adapted.configs
+
+
+@pytest.mark.parametrize("kind", ["lora", "mixlora"])
+def test_a_left_padded_row_computes_what_it_computes_unpadded(kind):
+    from tests.model.test_mixlora import moe_cfg
+
+    model = MultiAdapterModel(tiny_model())
+    cfg = lora_cfg("x", target_modules=ALL7) if kind == "lora" else moe_cfg("x", target_modules=ALL7)
+    model.add_adapter(cfg, seed=0)
+    randomise_b(model, "x")
+    model.eval()
+    row = torch.randint(4, 90, (1, 9), generator=torch.Generator().manual_seed(1))
+    # Long padding: RoPE angles are computed in fp32, so positions shifted by 2000 would move
+    # the logits by 3e-5 although attention only sees relative positions; counted from the
+    # first real token, the row differs from alone only by fp32 rounding (2e-6).
+    pad = 2000
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), row], dim=1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(row)], dim=1)
+    with torch.no_grad():
+        alone = model(row, layout=BatchLayout.from_sizes([("x", 1)])).logits
+        left = model(padded, mask, BatchLayout.from_sizes([("x", 1)])).logits[:, pad:]
+    torch.testing.assert_close(left, alone, rtol=0, atol=1e-5)

@@ -128,8 +128,8 @@ def test_segments_get_their_own_adapter_and_gaps_keep_the_base():
     for name, r in [("a", 2), ("b", 4)]:
         nn.init.normal_(layer.add(name, r=r, lora_alpha=4.0).lora_B.weight)
     x = torch.randn(6, 3, 12)
-    ctx.layout = BatchLayout.from_sizes([("a", 2), ("other", 1), ("b", 3)])
-    y = layer(x)
+    with ctx.scope(BatchLayout.from_sizes([("a", 2), ("other", 1), ("b", 3)])):
+        y = layer(x)
     for name, rows in [("a", slice(0, 2)), ("b", slice(3, 6))]:
         ad = layer.adapters[name]
         ref = x[rows] @ (base.weight + ad.scaling * ad.lora_B.weight @ ad.lora_A.weight).T

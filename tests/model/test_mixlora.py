@@ -1,4 +1,7 @@
-"""MixLoRA / MixDoRA FFNs: shared-base path vs per-expert reference vs an independent token loop."""
+"""MixLoRA / MixDoRA FFNs: shared-base path vs per-expert reference vs an independent token loop.
+
+The router's own tests (strategies, balance and z losses) are in test_router.py.
+"""
 
 import copy
 import re
@@ -10,8 +13,10 @@ import torch.nn.functional as F
 from mlora.config import ExpertLoraConfig, MixLoraConfig
 from mlora.model.adapted import MultiAdapterModel
 from mlora.model.context import AdapterContext, BatchLayout
-from mlora.model.mixlora import MixLoraFFN, route, router_aux_loss
+from mlora.model.mixlora import MixLoraFFN
+from mlora.model.router import route, router_aux_loss
 from tests.model.helpers import lora_cfg, randomise_b
+from tests.model.reference_moe import use_reference
 from tests.tiny import tiny_model
 
 STRATEGIES = {
@@ -26,12 +31,6 @@ def moe_cfg(name, strategy="mixlora", **kwargs):
                     task_name="arc-c", **STRATEGIES[strategy])
     settings.update(kwargs)
     return MixLoraConfig(name=name, **settings)
-
-
-def set_reference(model, on):
-    for m in model.modules():
-        if isinstance(m, MixLoraFFN):
-            m.use_reference = on
 
 
 def grads(model, name):
@@ -54,7 +53,7 @@ def test_shared_base_equals_per_expert_reference(strategy, dora):
     mask[2, 5:] = 0
     runs = {}
     for ref in (False, True):
-        set_reference(model, ref)
+        use_reference(model, ref)
         out = model(ids, mask, BatchLayout.from_sizes([("m", 3)]))
         loss = out.logits.square().mean() + router_aux_loss(model.configs["m"], out.router_logits["m"])
         loss.backward()
@@ -68,8 +67,46 @@ def test_shared_base_equals_per_expert_reference(strategy, dora):
         # Capacity 2 per expert per sequence over 8 tokens and 4 experts: some tokens overflow.
         ffn = model.model.model.layers[0].mlp
         h = torch.randn(3 * 8, 32)
-        r = route(ffn.moes["m"].router_logits(h), "mixlora-switch", capacity=2, seq_len=8)
+        r = route(ffn.moes["m"].moe_gate.logits(h), "mixlora-switch", capacity=2, seq_len=8)
         assert bool(r.dropped.any())
+
+
+TRAINING = {
+    "mixlora": ("mixlora", {}),
+    "switch": ("switch", {"ffn_dropout": 0.2}),
+    "dynamic": ("dynamic", {}),
+    "mixdora": ("mixlora", {"expert_lora": ExpertLoraConfig(use_dora=True)}),
+}
+
+
+@pytest.mark.parametrize("kind", list(TRAINING))
+def test_shared_base_equals_per_expert_reference_while_training(kind):
+    """Dropout and jitter on: the same stream gives both paths the same draws, one mask per projection."""
+    strategy, extra = TRAINING[kind]
+    model = MultiAdapterModel(tiny_model())
+    model.add_adapter(moe_cfg("m", strategy, lora_dropout=0.3, jitter_noise=0.1, **extra,
+                              target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]), seed=0)
+    randomise_b(model, "m")
+    model.train()
+    ids = torch.randint(4, 90, (3, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    runs = {}
+    for ref, seed in ((False, 5), (True, 5), (False, 6)):
+        use_reference(model, ref)
+        layout = BatchLayout.from_sizes([("m", 3)], generators={"m": torch.Generator().manual_seed(seed)})
+        out = model(ids, mask, layout)
+        loss = out.logits.square().mean() + router_aux_loss(model.configs["m"], out.router_logits["m"])
+        loss.backward()
+        runs[ref, seed] = (out.logits.detach(), grads(model, "m"))
+        model.zero_grad()
+    (fast, fast_grads), (ref, ref_grads) = runs[False, 5], runs[True, 5]
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    assert set(fast_grads) == set(ref_grads)
+    for key, g in ref_grads.items():
+        assert_rel_close(fast_grads[key], g)
+    # The draws matter: another stream gives other logits.
+    assert not torch.allclose(runs[False, 6][0], fast, atol=1e-3, rtol=1e-3)
 
 
 def token_loop_ffn(mlp, moe, h, strategy, top_k=2, top_p=1.0, capacity=0, seq_len=None):
@@ -182,40 +219,6 @@ def test_mixed_lora_mixlora_switch_batch_equals_each_alone():
     assert model.adapter_parameters("dyn")["model.layers.0.mlp.experts.up_proj.lora_A"].shape == (4, 2, 32)
 
 
-def independent_balance_loss(logits, mask, top_k, coef):
-    """coef * E * sum_e f_e P_e over real tokens, by counting."""
-    real = [t for t in range(logits.shape[0]) if mask[t]]
-    E = logits.shape[1]
-    probs = torch.softmax(logits, dim=-1)
-    f = [0.0] * E
-    P = [0.0] * E
-    for t in real:
-        for e in probs[t].topk(top_k).indices.tolist():
-            f[e] += 1 / len(real)
-        for e in range(E):
-            P[e] += probs[t, e].item() / len(real)
-    return coef * E * sum(fe * pe for fe, pe in zip(f, P))
-
-
-def test_balance_loss_matches_counting_and_ignores_padding():
-    cfg = moe_cfg("m", router_aux_loss_coef=0.01)
-    torch.manual_seed(0)
-    logits = [torch.randn(12, 4), torch.randn(12, 4)]
-    mask = torch.tensor([1] * 9 + [0] * 3, dtype=torch.bool)
-    loss = router_aux_loss(cfg, [(lg, mask) for lg in logits])
-    pooled = torch.cat(logits)
-    expected = independent_balance_loss(pooled, torch.cat([mask, mask]), 2, 0.01)
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
-    # The same tokens without the padding rows give the same loss.
-    trimmed = router_aux_loss(cfg, [(lg[:9], None) for lg in logits])
-    assert trimmed.item() == pytest.approx(loss.item(), rel=1e-6)
-    assert router_aux_loss(moe_cfg("m", router_loss=False), [(logits[0], None)]).item() == 0.0
-    # Switch adds the z-loss mean(logsumexp^2).
-    sw = moe_cfg("s", "switch", router_aux_loss_coef=0.0, router_z_loss_coef=0.5)
-    z = router_aux_loss(sw, [(logits[0], None)])
-    assert z.item() == pytest.approx(0.5 * torch.logsumexp(logits[0], -1).square().mean().item(), rel=1e-5)
-
-
 def test_padding_does_not_change_real_tokens_or_losses():
     model = MultiAdapterModel(tiny_model())
     model.add_adapter(moe_cfg("m", "switch"), seed=0)
@@ -228,19 +231,6 @@ def test_padding_does_not_change_real_tokens_or_losses():
     torch.testing.assert_close(b.logits[:, :6], a.logits, atol=1e-5, rtol=1e-5)
     cfg = model.configs["m"]
     torch.testing.assert_close(router_aux_loss(cfg, b.router_logits["m"]), router_aux_loss(cfg, a.router_logits["m"]))
-
-
-def test_routing_strategies_pick_as_specified():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
-    r = route(logits, "mixlora", top_k=2)
-    assert r.expert.tolist() == [0, 1, 3, 2]
-    torch.testing.assert_close(r.weight, torch.tensor([0.625, 0.375, 0.4 / 0.7, 0.3 / 0.7]))
-    d = route(logits, "mixlora-dynamic", top_p=0.8)
-    # Token 0: 0.5 + 0.3 reaches 0.8 -> experts 0, 1. Token 1: 0.4 + 0.3 + 0.2 -> three.
-    assert list(zip(d.token.tolist(), d.expert.tolist())) == [(0, 0), (0, 1), (1, 3), (1, 2), (1, 1)]
-    s = route(torch.log(torch.tensor([[0.7, 0.3]] * 3 + [[0.2, 0.8]])), "mixlora-switch", capacity=2, seq_len=4)
-    assert s.dropped.tolist() == [False, False, True, False]
-    torch.testing.assert_close(s.weight, torch.tensor([0.7, 0.7, 0.8]))
 
 
 def test_inference_is_deterministic_with_jitter_and_dropout():

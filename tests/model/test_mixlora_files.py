@@ -73,6 +73,37 @@ def test_official_mixlora_package_loads_our_adapter(tmp_path):
         torch.testing.assert_close(theirs(IDS).logits, ours, atol=1e-5, rtol=1e-5)
 
 
+def test_the_official_package_drops_each_expert_projection_with_its_own_mask(tmp_path):
+    """What our experts match while training: in the mixlora package every expert LoRA layer has
+    its own nn.Dropout, so an expert's gate and up see the same rows of x dropped at different
+    places (one mask per projection, as `mlora.kernels.expert_ffn.dropout_masks` draws them)."""
+    mixlora = pytest.importorskip("mixlora")
+    base_dir = save_tiny(tiny_model(), word_tokenizer(), tmp_path / "base")
+    save_adapter(trained("mixlora", lora_dropout=0.5, jitter_noise=0.0), "m", tmp_path / "ad",
+                 base_model_name_or_path=base_dir)
+    theirs, _ = mixlora.MixLoraModelForCausalLM.from_pretrained(str(tmp_path / "ad"))
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            seen[name] = (args[0], out)
+        return hook
+
+    (moe,) = theirs.model.layers[0].mlp.mixlora_moes.values()
+    for name, lora in moe.experts_.items():
+        lora.train()
+        lora.dropout_.register_forward_hook(keep(name))
+    theirs.train()
+    with torch.no_grad():
+        theirs(IDS)
+    experts = {name.split(".")[1] for name in seen if name.endswith("gate_proj")}
+    assert experts
+    for e in experts:
+        (x_gate, kept_gate), (x_up, kept_up) = seen[f"experts.{e}.gate_proj"], seen[f"experts.{e}.up_proj"]
+        assert torch.equal(x_gate, x_up)
+        assert not torch.equal(kept_gate != 0, kept_up != 0)
+
+
 def package_eval(model):
     """Put the mixlora package's experts in eval mode: it keeps them in plain dicts, which
     `.eval()` does not reach, so their dropout would stay on (one of the defects we fix)."""

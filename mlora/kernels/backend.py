@@ -1,7 +1,7 @@
-"""Pick the Triton kernels on CUDA and the torch path everywhere else.
+"""The kernel backend: Triton on CUDA, the torch path everywhere else.
 
-`lora_delta` and `expert_ffn` here take the same arguments as their torch versions in
-`mlora.kernels.lora` and `mlora.kernels.expert_ffn` and return the same values and
+`segmented_lora_add` and `expert_ffn` here take the same arguments as their torch versions
+in `mlora.kernels.lora` and `mlora.kernels.expert_ffn` and return the same values and
 gradients. They use `mlora.kernels.triton_lora` when `use_triton` says so: the input is
 on a CUDA device, Triton imports, and ``MLORA_DISABLE_TRITON`` is unset (set it to any
 non-empty value to compare against, or fall back to, the torch path). float64 inputs
@@ -38,18 +38,6 @@ def use_triton(tensor: torch.Tensor) -> bool:
 
 def _triton_for(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and use_triton(x)
-
-
-def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-               dropout: float, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``s * B A dropout(x)`` for ``x (..., in)``, ``A (r, in)``, ``B (out, r)`` -> ``(..., out)`` fp32.
-
-    See `mlora.kernels.lora.lora_delta`; Triton on CUDA, torch otherwise.
-    """
-    if _triton_for(x):
-        from mlora.kernels import triton_lora
-        return triton_lora.lora_delta(x, A, B, scaling, dropout, training, generator)
-    return torch_lora.lora_delta(x, A, B, scaling, dropout, training, generator)
 
 
 def expert_ffn(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, token: torch.Tensor,
