@@ -15,7 +15,8 @@ Public API (see each function's docstring for details):
     load_template(prompt) -> PromptTemplate  "alpaca" or a template JSON file
     tokenize_examples(tokenizer, examples, cutoff_len, train_on_inputs=False)
         -> TokenizedExamples                 (imports torch; loaded on first use)
-    collate(examples, pad_id, padding_side="right") -> dict of (B, T) long tensors
+    pad_rows(rows, pad_value, side="right") -> Padded(values, mask, offsets), (B, T) tensors
+                                            the one padding rule (training, scoring, generation)
     split_ids(tokenizer, context, continuation) -> (context_ids, continuation_ids)
                                             the training boundary, for evaluation
 """
@@ -31,7 +32,7 @@ from mlora.data.task import Task
 BENCHMARK_TASKS = ("arc-c", "arc-e", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
 
 _TOKENIZE_EXPORTS = (
-    "IGNORE_INDEX", "TokenizedExample", "TokenizedExamples", "collate", "split_ids", "tokenize_example",
+    "IGNORE_INDEX", "TokenizedExample", "TokenizedExamples", "Padded", "pad_rows", "split_ids", "tokenize_example",
     "tokenize_examples",
 )
 
@@ -43,17 +44,18 @@ __all__ = [
     "DataError",
     "LoglikelihoodRequests",
     "MultipleChoiceItem",
+    "Padded",
     "PromptTemplate",
     "Task",
     "TokenizedExample",
     "TokenizedExamples",
     "TrainingExample",
     "build_training_examples",
-    "collate",
     "get_task",
     "is_benchmark",
     "load_items",
     "load_template",
+    "pad_rows",
     "split_ids",
     "task_names",
     "task_sources",

@@ -1,4 +1,4 @@
-"""(prompt, target) text -> token ids with a loss mask, and padding into a batch.
+"""(prompt, target) text -> token ids with a loss mask, and padding rows of ids into a batch.
 
 Boundary rule. The prompt and the whole text are tokenized separately, the same way
 (`add_special_tokens=True`, so a BOS is in both), and the target's tokens are those of the
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 
@@ -26,6 +26,8 @@ from mlora.data.errors import DataError
 from mlora.data.items import TrainingExample
 
 IGNORE_INDEX = -100
+
+Side = Literal["left", "right"]
 
 
 class Tokenizer(Protocol):
@@ -131,33 +133,47 @@ def tokenize_examples(
     return TokenizedExamples(kept, truncated, dropped)
 
 
-def collate(
-    examples: Sequence[TokenizedExample], pad_id: int, padding_side: Literal["left", "right"] = "right"
-) -> dict[str, torch.Tensor]:
-    """Pad examples to the longest one and stack them.
+class Padded(NamedTuple):
+    """Rows of token ids padded to one width (`pad_rows`).
+
+    Attributes:
+        values: ``(B, T)`` long, each row's ids at columns ``[offsets[b], offsets[b] + len)``,
+            the pad value elsewhere; ``T`` is the longest row's length.
+        mask: ``(B, T)`` bool, True on the row's own ids, False on padding.
+        offsets: the column where each row's ids start (0 for a right-padded row).
+    """
+
+    values: torch.Tensor
+    mask: torch.Tensor
+    offsets: list[int]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_value: int,
+             side: Side | Sequence[Side] = "right") -> Padded:
+    """Pad rows of ids to the longest one: the one padding rule of training, evaluation and generation.
 
     Args:
-        examples: B >= 1 tokenized examples.
-        pad_id: the id written into padding positions of `input_ids`.
-        padding_side: "right" (padding after the tokens, for training) or "left" (before
-            them, so the last position is each row's last token, for generation/scoring).
-
+        rows: B >= 1 rows of ids (token ids, or labels); rows may differ in length.
+        pad_value: written into padding (a pad token id, or -100 for labels).
+        side: ``"right"`` (padding after the ids, for training) or ``"left"`` (before them, so
+            each row's last id sits in the last column, for generation and scoring); one side
+            for all rows or one per row. Rows padded with the same sides line up: labels
+            padded like their ids stay under them.
     Returns:
-        {"input_ids": (B, T) long, "attention_mask": (B, T) long (1 = token, 0 = padding),
-         "labels": (B, T) long, -100 on padding}, with T the longest example's length.
+        `Padded` ``(values (B, T) long, mask (B, T) bool, offsets)``.
     """
-    if not examples:
-        raise ValueError("collate needs at least one example")
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    width = max(len(example.input_ids) for example in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        columns = slice(width - n, width) if padding_side == "left" else slice(0, n)
-        input_ids[row, columns] = torch.tensor(example.input_ids, dtype=torch.long)
-        attention_mask[row, columns] = 1
-        labels[row, columns] = torch.tensor(example.labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if not rows:
+        raise ValueError("pad_rows needs at least one row")
+    sides = [side] * len(rows) if isinstance(side, str) else list(side)
+    if len(sides) != len(rows) or any(s not in ("left", "right") for s in sides):
+        raise ValueError(f"side must be 'left' or 'right' (or one of them per row), got {side!r}")
+    lengths = [len(row) for row in rows]
+    width = max(lengths)
+    offsets = [width - n if s == "left" else 0 for n, s in zip(lengths, sides)]
+    start = torch.tensor(offsets)[:, None]
+    columns = torch.arange(width)[None, :]
+    mask = (columns >= start) & (columns < start + torch.tensor(lengths)[:, None])
+    values = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    # Row-major order of the mask's True entries is the rows' ids one after another.
+    values[mask] = torch.tensor([t for row in rows for t in row], dtype=torch.long)
+    return Padded(values, mask, offsets)

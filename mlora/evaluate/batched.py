@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from mlora.data import BENCHMARK_TASKS, PROTOCOLS, get_task, load_items, task_sources
+from mlora.data import BENCHMARK_TASKS, PROTOCOLS, get_task, load_items, pad_rows, task_sources
 from mlora.evaluate.protocols import (
     NO_LIMIT,
     EvaluationError,
@@ -165,21 +165,13 @@ def _run_batch(model, group: list[tuple[EvalSpec, list[Row]]], pad_id: int, padd
     """
     group = sorted(group, key=lambda g: g[0].adapter is None)
     rows = [row for _, batch in group for row in batch]
-    width = max(len(r.ids) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    real = torch.zeros((len(rows), width), dtype=torch.bool)
-    offsets = []
-    for b, row in enumerate(rows):
-        offset = width - len(row.ids) if padding_side == "left" else 0
-        input_ids[b, offset:offset + len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
-        real[b, offset:offset + len(row.ids)] = True
-        offsets.append(offset)
+    input_ids, real, offsets = pad_rows([row.ids for row in rows], pad_id, padding_side)
     sizes = [(spec.adapter, len(batch)) for spec, batch in group if spec.adapter is not None]
     if plain:
         logits = model(input_ids.to(device), real.long().to(device), BatchLayout.from_sizes(sizes)).logits
         first = 0
     else:
-        logits, first = _forward_kept(model, rows, input_ids, real, offsets, sizes, device)
+        logits, first = _forward_kept(model, rows, input_ids, real, offsets, padding_side, sizes, device)
     # Column c of row b is column offsets[b] + c - first of `logits`.
     reads = [(b, read) for b, row in enumerate(rows) for read in row.reads]
     out = [(rows[b], read, score_choice(logits[b, offsets[b] + read.columns[0] - first], read.targets).tolist())
@@ -207,20 +199,18 @@ def _sequence_sums(logits: torch.Tensor, reads: list[tuple[int, list[int], list[
     return sums.tolist()
 
 
-def _forward_kept(model, rows: list[Row], input_ids, real, offsets: list[int], sizes, device):
+def _forward_kept(model, rows: list[Row], input_ids, real, offsets: list[int], padding_side: str, sizes, device):
     """The forward with each row's own positions and attention, and logits for the last columns
     only: as many as the row whose first read is furthest from its end needs.
 
     Returns ``(logits (B, K, V), the index of the first kept column)``.
     """
-    batch, width = input_ids.shape
-    positions = torch.zeros((batch, width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        positions[b, offsets[b]:offsets[b] + len(row.ids)] = torch.tensor(row.positions(), dtype=torch.long)
+    width = input_ids.shape[1]
+    positions = pad_rows([row.positions() for row in rows], 0, padding_side).values
     keep = max(width - offsets[b] - row.first_read() for b, row in enumerate(rows))
     if any(row.blocks for row in rows):
         dtype = model.model.get_input_embeddings().weight.dtype
-        mask = _block_mask(rows, offsets, width, dtype if dtype.is_floating_point else torch.float32)
+        mask = _block_mask(rows, padding_side, dtype if dtype.is_floating_point else torch.float32)
     else:
         mask = real.long()
     # The layout is installed for this one call (`MultiAdapterModel.forward` has no positions,
@@ -232,13 +222,12 @@ def _forward_kept(model, rows: list[Row], input_ids, real, offsets: list[int], s
     return out.logits, width - keep
 
 
-def _block_mask(rows: list[Row], offsets: list[int], width: int, dtype: torch.dtype) -> torch.Tensor:
+def _block_mask(rows: list[Row], padding_side: str, dtype: torch.dtype) -> torch.Tensor:
     """The additive ``(B, 1, T, T)`` attention mask of rows with blocks (`Row.segments`): 0 where
     a query may see a key, the dtype's minimum elsewhere. Padding sees itself only, so that no
     softmax row is empty; its outputs are never read."""
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)
-    for b, row in enumerate(rows):
-        segment[b, offsets[b]:offsets[b] + len(row.ids)] = torch.tensor(row.segments(), dtype=torch.long)
+    segment = pad_rows([row.segments() for row in rows], -1, padding_side).values
+    width = segment.shape[1]
     query, key = segment[:, :, None], segment[:, None, :]
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     allowed = causal & (key >= 0) & ((key == 0) | (key == query))

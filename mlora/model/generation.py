@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mlora.data.tokenize import pad_rows
 from mlora.errors import MloraError
 from mlora.model.adapted import MultiAdapterModel, decoder_layers, position_ids
 from mlora.model.context import BatchLayout, RouterLogits, Segment
@@ -210,12 +211,8 @@ def _left_padded(prompts, pad_token_id: int, device):
 
     Positions count real tokens only, so a padded row sees the positions it has alone.
     """
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        ids[b, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[b, width - len(prompt):] = 1
+    ids, mask, _ = pad_rows(prompts, pad_token_id, "left")
+    mask = mask.long()
     return ids.to(device), mask.to(device), position_ids(mask).to(device)
 
 

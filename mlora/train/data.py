@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlora.data import IGNORE_INDEX, TokenizedExample, build_training_examples, tokenize_examples
+from mlora.data import IGNORE_INDEX, TokenizedExample, build_training_examples, pad_rows, tokenize_examples
 from mlora.errors import MloraError
 from mlora.model.context import BatchLayout
 
@@ -210,16 +210,9 @@ def collate_mixed(parts: list[tuple[str, list[TokenizedExample], str]], pad_id: 
     Returns:
         A `MixedBatch` of width ``T`` = the longest example of any part.
     """
-    rows = [(e, side) for _, examples, side in parts for e in examples]
-    width = max(len(e.input_ids) for e, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for r, (e, side) in enumerate(rows):
-        n = len(e.input_ids)
-        cols = slice(width - n, width) if side == "left" else slice(0, n)
-        input_ids[r, cols] = torch.tensor(e.input_ids, dtype=torch.long)
-        mask[r, cols] = 1
-        labels[r, cols] = torch.tensor(e.labels, dtype=torch.long)
-    layout = BatchLayout.from_sizes([(name, len(examples)) for name, examples, _ in parts])
-    return MixedBatch(input_ids, mask, labels, layout, [name for name, _, _ in parts], int(mask.sum()))
+    examples = [e for _, part, _ in parts for e in part]
+    sides = [side for _, part, side in parts for _ in part]
+    ids, mask, _ = pad_rows([e.input_ids for e in examples], pad_id, sides)
+    labels = pad_rows([e.labels for e in examples], IGNORE_INDEX, sides).values
+    layout = BatchLayout.from_sizes([(name, len(part)) for name, part, _ in parts])
+    return MixedBatch(ids, mask.long(), labels, layout, [name for name, _, _ in parts], int(mask.sum()))

@@ -10,8 +10,8 @@ import torch
 from mlora.data import (
     DataError,
     TrainingExample,
-    collate,
     load_items,
+    pad_rows,
     split_ids,
     tokenize_example,
     tokenize_examples,
@@ -78,34 +78,42 @@ def test_truncation_is_counted_and_targetless_rows_dropped(make_tokenizer):
     assert kept.examples[2].labels == [2, 4, 5, 6, 7, 5, 8]
 
 
-def test_collate_right_and_left(make_tokenizer):
+def test_pad_rows_right_left_and_per_row(make_tokenizer):
     tokenizer = make_tokenizer(GREETING)
     short = TrainingExample("t", "greet", " hello")
     long = TrainingExample("casual", "Task: greet\nReply:", " hello there", add_eos=True)
     examples = tokenize_examples(tokenizer, [short, long], cutoff_len=64).examples
+    ids = [e.input_ids for e in examples]
 
-    right = collate(examples, pad_id=0, padding_side="right")
-    assert right["input_ids"].tolist() == [[2, 6, 8, 0, 0, 0, 0, 0, 0], [2, 4, 5, 6, 7, 5, 8, 9, 3]]
-    assert right["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0, 0], [1] * 9]
-    assert right["labels"].tolist() == [[X, X, 8, X, X, X, X, X, X], [X, X, X, X, X, X, 8, 9, 3]]
+    right = pad_rows(ids, 0)
+    assert right.values.tolist() == [[2, 6, 8, 0, 0, 0, 0, 0, 0], [2, 4, 5, 6, 7, 5, 8, 9, 3]]
+    assert right.mask.tolist() == [[True] * 3 + [False] * 6, [True] * 9]
+    assert right.offsets == [0, 0]
+    labels = pad_rows([e.labels for e in examples], X, "right").values
+    assert labels.tolist() == [[X, X, 8, X, X, X, X, X, X], [X, X, X, X, X, X, 8, 9, 3]]
 
-    left = collate(examples, pad_id=0, padding_side="left")
-    assert left["input_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 2, 6, 8], [2, 4, 5, 6, 7, 5, 8, 9, 3]]
-    assert left["attention_mask"].tolist() == [[0, 0, 0, 0, 0, 0, 1, 1, 1], [1] * 9]
-    assert left["labels"].tolist() == [[X, X, X, X, X, X, X, X, 8], [X, X, X, X, X, X, 8, 9, 3]]
+    left = pad_rows(ids, 0, "left")
+    assert left.values.tolist() == [[0, 0, 0, 0, 0, 0, 2, 6, 8], [2, 4, 5, 6, 7, 5, 8, 9, 3]]
+    assert left.mask.tolist() == [[False] * 6 + [True] * 3, [True] * 9]
+    assert left.offsets == [6, 0]
+    labels = pad_rows([e.labels for e in examples], X, "left").values
+    assert labels.tolist() == [[X, X, X, X, X, X, X, X, 8], [X, X, X, X, X, X, 8, 9, 3]]
 
-    for batch in (right, left):
-        assert set(batch) == {"input_ids", "attention_mask", "labels"}
-        assert all(t.dtype == torch.long and t.shape == (2, 9) for t in batch.values())
+    mixed = pad_rows([[7, 8], [1, 2, 3, 4], [5]], -1, ["right", "left", "left"])
+    assert mixed.values.tolist() == [[7, 8, -1, -1], [1, 2, 3, 4], [-1, -1, -1, 5]]
+    assert mixed.offsets == [0, 0, 3]
+    for padded in (right, left, mixed):
+        assert padded.values.dtype == torch.long and padded.mask.dtype == torch.bool
+        assert padded.values.shape == padded.mask.shape
 
 
-def test_collate_rejects_bad_input(make_tokenizer):
+def test_pad_rows_rejects_bad_input():
     with pytest.raises(ValueError, match="at least one"):
-        collate([], pad_id=0)
-    tokenizer = make_tokenizer(GREETING)
-    examples = tokenize_examples(tokenizer, [TrainingExample("t", "greet", " hello")], cutoff_len=8).examples
-    with pytest.raises(ValueError, match="padding_side"):
-        collate(examples, pad_id=0, padding_side="middle")
+        pad_rows([], 0)
+    with pytest.raises(ValueError, match="side"):
+        pad_rows([[1, 2]], 0, "middle")
+    with pytest.raises(ValueError, match="side"):
+        pad_rows([[1, 2], [3]], 0, ["left"])
 
 
 def test_instruction_data_needs_an_eos_token():
