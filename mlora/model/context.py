@@ -17,7 +17,7 @@ thus sees the same segments and draws the same masks, and records no router logi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +84,31 @@ class BatchLayout:
             segments.append(Segment(name, start, start + size))
             start += size
         return BatchLayout(tuple(segments), token_mask, dict(generators or {}))
+
+
+def join_segments(segments: Sequence[Segment], rows: int, segment_rows: Callable[[Segment], torch.Tensor],
+                  other_rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """Per-segment outputs and the rows between segments, joined back in row order along dim 0.
+
+    Args:
+        segments: ordered, non-overlapping segments inside ``[0, rows)``.
+        rows: the batch's row count B.
+        segment_rows: ``seg -> (seg.end - seg.start, ...)`` the output of a segment's rows;
+            called once per segment, in order.
+        other_rows: ``(start, end) -> (end - start, ...)`` the output of rows no segment covers
+            (usually a slice of the base output); called for each gap before the next segment.
+    Returns:
+        ``(B, ...)``: the pieces concatenated (the single piece itself when there is one).
+    """
+    pieces, position = [], 0
+    for seg in segments:
+        if seg.start > position:
+            pieces.append(other_rows(position, seg.start))
+        pieces.append(segment_rows(seg))
+        position = seg.end
+    if position < rows:
+        pieces.append(other_rows(position, rows))
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 class ForwardScope:

@@ -23,7 +23,7 @@ from torch import nn
 from mlora.kernels.backend import segmented_lora_add  # Triton on CUDA, torch elsewhere
 from mlora.kernels.lora import token_dropout_mask
 from mlora.model.adapter_dict import AdapterDict
-from mlora.model.context import AdapterContext, RealTokens
+from mlora.model.context import AdapterContext, RealTokens, join_segments
 from mlora.model.quant import dense_weight, linear_features
 
 
@@ -170,16 +170,11 @@ class LoraLinear(nn.Module):
         if not dora:
             return out
         # DoRA rescales rows by its own norms: one piece per DoRA segment, joined once.
-        pieces, position = [], 0
-        for seg in dora:
-            if seg.start > position:
-                pieces.append(out[position:seg.start])
-            rows = slice(seg.start, seg.end)
-            pieces.append(self.adapters[seg.name](x[rows], out[rows], self.base_layer, gen(seg.name), real.get(seg)))
-            position = seg.end
-        if position < x.shape[0]:
-            pieces.append(out[position:])
-        return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+        return join_segments(
+            dora, x.shape[0],
+            lambda seg: self.adapters[seg.name](x[seg.start:seg.end], out[seg.start:seg.end], self.base_layer,
+                                                gen(seg.name), real.get(seg)),
+            lambda start, end: out[start:end])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={list(self.adapters)}"

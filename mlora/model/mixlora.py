@@ -35,7 +35,7 @@ from mlora.kernels.backend import expert_ffn  # Triton on CUDA, the torch path e
 from mlora.kernels.expert_ffn import ExpertLoraWeights
 from mlora.kernels.lora import token_dropout_mask
 from mlora.model.adapter_dict import AdapterDict
-from mlora.model.context import AdapterContext, RealTokens
+from mlora.model.context import AdapterContext, RealTokens, Segment, join_segments
 from mlora.model.lora import LoraLinear
 from mlora.model.quant import dense_weight, linear_features
 from mlora.model.router import Router
@@ -261,41 +261,37 @@ class MixLoraFFN(nn.Module):
         segments = [s for s in self.context.segments(h.shape[0]) if s.name in self.moes]
         if not segments:
             return mlp(h)
-        batch, seq_len, hidden = h.shape
+        batch = h.shape[0]
         g, u = mlp.gate_proj(h), mlp.up_proj(h)
-        acts, extras, position = [], {}, 0
-        for seg in segments:
-            if seg.start > position:
-                acts.append(mlp.act_fn(g[position:seg.start]) * u[position:seg.start])
-            rows = slice(seg.start, seg.end)
-            n = (seg.end - seg.start) * seq_len
-            # Routing, the aux loss and every random draw see the segment's real tokens only.
-            real = self.context.real_tokens(seg, seq_len)
-            mixed, extra, logits = self.moes[seg.name](
-                h[rows].reshape(n, hidden), g[rows].reshape(n, -1), u[rows].reshape(n, -1),
-                mlp, seq_len, real, self.context.generator(seg.name))
-            self.context.record(seg.name, logits, self.context.segment_mask(seg))
-            acts.append(mixed.to(g.dtype).view(seg.end - seg.start, seq_len, -1))
-            extras[seg] = (extra.view(seg.end - seg.start, seq_len, hidden), real)
-            position = seg.end
-        if position < batch:
-            acts.append(mlp.act_fn(g[position:]) * u[position:])
-        y = mlp.down_proj(torch.cat(acts) if len(acts) > 1 else acts[0])
-        return self._assemble(y, extras, batch)
+        extras: dict[Segment, tuple[torch.Tensor, RealTokens | None]] = {}
+        acts = join_segments(segments, batch, lambda seg: self._segment_experts(seg, h, g, u, extras),
+                             lambda start, end: mlp.act_fn(g[start:end]) * u[start:end])
+        y = mlp.down_proj(acts)
+        return join_segments(segments, batch, lambda seg: self._segment_output(y, seg, *extras[seg]),
+                             lambda start, end: y[start:end])
 
-    def _assemble(self, y: torch.Tensor, extras: dict, batch: int) -> torch.Tensor:
-        pieces, position = [], 0
-        for seg, (extra, real) in extras.items():
-            if seg.start > position:
-                pieces.append(y[position:seg.start])
-            moe = self.moes[seg.name]
-            # A DoRA down computed the whole segment output per expert (see MixLoraMoe.forward).
-            seg_out = extra.to(y.dtype) if moe.dora_down else y[seg.start:seg.end] + extra.to(y.dtype)
-            pieces.append(self._ffn_dropout(moe, seg_out, self.context.generator(seg.name), real))
-            position = seg.end
-        if position < batch:
-            pieces.append(y[position:])
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    def _segment_experts(self, seg: Segment, h: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                         extras: dict) -> torch.Tensor:
+        """A MixLoRA segment's input to the frozen down ``(rows, T, inter)``; its router logits go to
+        the forward's collector and ``extras[seg]`` gets what to add after the down (`MixLoraMoe.forward`)."""
+        rows, (seq_len, hidden) = slice(seg.start, seg.end), h.shape[1:]
+        n = (seg.end - seg.start) * seq_len
+        # Routing, the aux loss and every random draw see the segment's real tokens only.
+        real = self.context.real_tokens(seg, seq_len)
+        mixed, extra, logits = self.moes[seg.name](
+            h[rows].reshape(n, hidden), g[rows].reshape(n, -1), u[rows].reshape(n, -1),
+            self.base_mlp, seq_len, real, self.context.generator(seg.name))
+        self.context.record(seg.name, logits, self.context.segment_mask(seg))
+        extras[seg] = (extra.view(seg.end - seg.start, seq_len, hidden), real)
+        return mixed.to(g.dtype).view(seg.end - seg.start, seq_len, -1)
+
+    def _segment_output(self, y: torch.Tensor, seg: Segment, extra: torch.Tensor,
+                        real: RealTokens | None) -> torch.Tensor:
+        """A MixLoRA segment's FFN output ``(rows, T, hidden)`` from the frozen down's output `y`."""
+        moe = self.moes[seg.name]
+        # A DoRA down computed the whole segment output per expert (see MixLoraMoe.forward).
+        out = extra.to(y.dtype) if moe.dora_down else y[seg.start:seg.end] + extra.to(y.dtype)
+        return self._ffn_dropout(moe, out, self.context.generator(seg.name), real)
 
     def _ffn_dropout(self, moe: MixLoraMoe, out: torch.Tensor, generator, real: RealTokens | None) -> torch.Tensor:
         """Switch's dropout on a segment's FFN output ``out (rows, T, hidden)``, drawn over its real tokens."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mlora.kernels.lora import dropout_mask
+from mlora.model.context import join_segments
 from mlora.model.lora import LoraLinear
 from mlora.model.mixlora import MixLoraFFN, MixLoraMoe
 
@@ -75,22 +76,18 @@ class ReferenceMixLoraFFN(MixLoraFFN):
         out = self.base_mlp(h)  # rows of LoRA adapters and of no adapter
         if not segments:
             return out
-        batch, seq_len, hidden = h.shape
-        pieces, position = [], 0
-        for seg in segments:
-            if seg.start > position:
-                pieces.append(out[position:seg.start])
+        seq_len, hidden = h.shape[1:]
+
+        def segment_rows(seg):
             n = (seg.end - seg.start) * seq_len
             real = self.context.real_tokens(seg, seq_len)
             moe, gen = self.moes[seg.name], self.context.generator(seg.name)
             y, logits = reference_moe(moe, h[seg.start:seg.end].reshape(n, hidden), self.base_mlp, seq_len, real, gen)
             self.context.record(seg.name, logits, self.context.segment_mask(seg))
             y = y.to(h.dtype).view(seg.end - seg.start, seq_len, hidden)
-            pieces.append(self._ffn_dropout(moe, y, gen, real))
-            position = seg.end
-        if position < batch:
-            pieces.append(out[position:])
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            return self._ffn_dropout(moe, y, gen, real)
+
+        return join_segments(segments, h.shape[0], segment_rows, lambda start, end: out[start:end])
 
 
 def use_reference(model, on: bool = True) -> None:
