@@ -11,8 +11,6 @@ import difflib
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from mlora.data import BENCHMARK_TASKS
 from mlora.evaluate.batched import BASE, Shard, adapter_spec, base_spec, evaluate
 from mlora.evaluate.protocols import EvaluationError
@@ -150,13 +148,12 @@ def evaluate_saved(base_model: str, run_config, output_dir, *, adapters: Sequenc
     Raises EvaluationError, DataError, ModelLoadError, AdapterFileError on bad input.
     """
     from mlora.model.adapted import MultiAdapterModel
-    from mlora.model.loading import load_base_model
+    from mlora.model.loading import default_device, default_dtype, load_base_model
 
     plan_evaluation(run_config, output_dir, adapters)  # fail before the (slow) model load
-    if dtype is None:
-        on_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-        dtype = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
-    model, tokenizer = load_base_model(base_model, dtype=dtype, quantize=quantize, device=device)
+    device = default_device(device)
+    model, tokenizer = load_base_model(base_model, dtype=default_dtype(dtype, device), quantize=quantize,
+                                       device=device)
     return evaluate_run(MultiAdapterModel(model), tokenizer, run_config, output_dir, base_model,
                         adapters=adapters, protocol=protocol, limit=limit, stem=stem, progress=progress, echo=echo,
                         folder=folder)

@@ -29,6 +29,22 @@ def resolve_dtype(dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` as a torch device; None: CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The base dtype of a run: `dtype` when given (see `resolve_dtype`); None: bf16 on a CUDA
+    `device` that supports it, else fp32 (training and evaluation; loading alone defaults to fp32)."""
+    if dtype is not None:
+        return resolve_dtype(dtype)
+    bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def _quantization_config(quantize: str | None, dtype: torch.dtype):
     if quantize is None:
         return None
@@ -69,8 +85,7 @@ def load_base_model(name_or_path: str, *, dtype=None, quantize: str | None = Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     folder, gguf_file = split_gguf(name_or_path)
     # A hub id is "org/name"; anything path-like must exist on disk.
     looks_local = folder.startswith((".", "/", "~")) or folder.count("/") > 1 or os.path.sep != "/" and os.path.sep in folder
@@ -83,7 +98,7 @@ def load_base_model(name_or_path: str, *, dtype=None, quantize: str | None = Non
 
         # Dequantize once into the cache; every later load reads plain safetensors.
         folder, gguf_file = str(materialize(Path(folder) / gguf_file, attn_impl=attn_impl)), None
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_impl:
         kwargs["attn_implementation"] = attn_impl
     qconfig = _quantization_config(quantize, torch_dtype)

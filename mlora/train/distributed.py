@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mlora.errors import MloraError
+from mlora.model.loading import default_device
 from mlora.run_folder import RunFolder, open_run_folder
 
 logger = logging.getLogger("mlora.train")
@@ -114,7 +115,7 @@ def init_world(device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Worl
     if device is not None and re.fullmatch(r"cuda:\d+", device):
         raise DistributedError(f"rank {rank}: --device {device} names one GPU for every process; give --device cuda "
                                "(each process takes cuda:LOCAL_RANK)")
-    cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    cuda = default_device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(local)
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
@@ -134,7 +135,7 @@ def rank_device(requested: str | None, world: World | None) -> str | None:
     """The ``--device`` a rank uses: ``cuda`` (or the CUDA default) becomes ``cuda:LOCAL_RANK``."""
     if world is None:
         return requested
-    if (requested or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+    if default_device(requested).type == "cuda":
         return f"cuda:{world.local_rank}"
     return requested
 

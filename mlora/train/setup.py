@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mlora.model.adapted import MultiAdapterModel
-from mlora.model.loading import resolve_dtype
+from mlora.model.loading import default_device, default_dtype
 from mlora.train.data import Prepared, TrainError, adapter_seed
 from mlora.train.distributed import DEFAULT_TIMEOUT_S
 
@@ -72,12 +72,8 @@ class TrainOptions:
 
 def resolve_device_dtype(options: TrainOptions) -> tuple[torch.device, torch.dtype]:
     """The device (default CUDA when available) and base dtype (default bf16 on CUDA, else fp32)."""
-    device = torch.device(options.device) if options.device else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    if options.dtype is not None:
-        return device, resolve_dtype(options.dtype)
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return device, torch.bfloat16 if bf16_ok else torch.float32
+    device = default_device(options.device)
+    return device, default_dtype(options.dtype, device)
 
 
 def check_adapters(model: MultiAdapterModel, cfgs: list, seed: int) -> None:
