@@ -1,4 +1,4 @@
-"""Command line of mlora: ``gen``, ``run``, ``evaluate`` and ``avail`` (launch.py) and ``train.py CONFIG``.
+"""Command line of mlora: ``gen``, ``run``, ``evaluate``, ``plot`` and ``avail`` (launch.py) and ``train.py CONFIG``.
 
 Each subcommand is one small function taking the parsed arguments and returning an exit status:
 0 done, 1 some adapter stopped during training, 2 bad input (config problems, bad flags, missing
@@ -54,6 +54,30 @@ def _bool(text: str) -> bool:
     return value
 
 
+def _list_of(typ, choices: Sequence[str] | None = None):
+    """argparse type for a per-adapter override: one value, or a comma list of values to sweep
+    (``8,16,32``), each converted by `typ` and checked against `choices`."""
+
+    def parse(text: str) -> list:
+        values = []
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                raise argparse.ArgumentTypeError(f"empty value in {text!r}; give one value or a comma list such as 8,16")
+            try:
+                value = typ(part)
+            except (argparse.ArgumentTypeError, ValueError) as err:
+                detail = str(err) if isinstance(err, argparse.ArgumentTypeError) else f"invalid value {part!r}"
+                raise argparse.ArgumentTypeError(detail) from None
+            if choices and value not in choices:
+                raise argparse.ArgumentTypeError(f"invalid choice {part!r} (choose from {', '.join(choices)})")
+            values.append(value)
+        return values
+
+    parse.__name__ = getattr(typ, "__name__", "value")  # argparse names the type in its messages
+    return parse
+
+
 def _split(text: Optional[str]) -> list[str]:
     return [] if text is None else [part.strip() for part in text.split(";")]
 
@@ -100,12 +124,19 @@ _ADAPTER_OVERRIDES = [
     ("--protocol", "protocol", str, ()),
     ("--prompt", "prompt", str, ("--prompt_template",)),
 ]
-_RUN_OVERRIDES = [("--cutoff_len", "cutoff_len", int), ("--save_step", "save_step", int)]
+_RUN_OVERRIDES = [
+    ("--cutoff_len", "cutoff_len", int),
+    ("--save_step", "save_step", int),
+    ("--train_lora_candidate_num", "train_lora_candidate_num", int),
+    ("--train_lora_simultaneously_num", "train_lora_simultaneously_num", int),
+    ("--eval_lora_simultaneously_num", "eval_lora_simultaneously_num", int),
+]
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
     """Write a fully resolved run config from a template and a list of tasks."""
     from mlora.gen import generate_config
+    from mlora.sweep import format_value
 
     if args.append and args.overwrite:
         raise UsageError("give --append or --overwrite, not both")
@@ -119,24 +150,51 @@ def cmd_gen(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it or --append to add adapters to it")
     if args.append and not out.exists():
         raise UsageError(f"cannot append: {out} does not exist; drop --append to create it")
+    if args.seeds is not None and args.seeds < 1:
+        raise UsageError(f"--seeds must be a number of replicas >= 1, got {args.seeds}")
+    if args.first_seed is not None and args.seeds is None:
+        raise UsageError("--first_seed needs --seeds N (the number of replicas)")
+    if args.first_seed is not None and args.first_seed < 0:
+        raise UsageError(f"--first_seed must be a seed >= 0, got {args.first_seed}")
     base = load_config(out) if args.append else None
-    adapter_overrides = {key: getattr(args, key) for _, key, _, _ in _ADAPTER_OVERRIDES
-                         if getattr(args, key) is not None}
+    given = {key: getattr(args, key) for _, key, _, _ in _ADAPTER_OVERRIDES if getattr(args, key) is not None}
+    adapter_overrides = {key: values[0] for key, values in given.items() if len(values) == 1}
+    grid = {key: values for key, values in given.items() if len(values) > 1}
+    first = args.first_seed or 0
+    seeds = None if args.seeds is None else list(range(first, first + args.seeds))
     run_overrides = {key: getattr(args, key) for _, key, _ in _RUN_OVERRIDES if getattr(args, key) is not None}
     try:
         cfg = generate_config(args.template, _split(args.tasks), data_paths=_split(args.data_path) or None,
                               multi_task=args.multi_task, adapter_name=args.adapter_name,
                               adapter_overrides=adapter_overrides, run_overrides=run_overrides, base=base,
-                              source=str(out))
+                              grid=grid, seeds=seeds, source=str(out))
     except ConfigError as err:
         if err.source != str(out):
             raise  # the template or the file appended to: reported as that file's problems
         _print_config_error(err, "in the config gen would write (nothing was written)")
         return EXIT_BAD_INPUT
     atomic_write_text(out, json.dumps(to_dict(cfg), indent=4) + "\n")  # never a half-written config
-    names = ", ".join(cfg.adapter_names)
-    print(f"wrote {out}: {len(cfg.lora)} adapter{'s' if len(cfg.lora) != 1 else ''} ({names})")
+    names = cfg.adapter_names
+    shown = ", ".join(names if len(names) <= 10 else [*names[:3], "...", *names[-2:]])
+    print(f"wrote {out}: {len(cfg.lora)} adapter{'s' if len(cfg.lora) != 1 else ''} ({shown})")
+    if grid or seeds is not None:
+        added = len(cfg.lora) - (len(base.lora) if base is not None else 0)
+        axes = [f"{key} {','.join(map(format_value, values))}" for key, values in grid.items()]
+        if seeds is not None:
+            axes.append(f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({','.join(map(str, seeds))})")
+        print(f"sweep: {' x '.join(axes)}: {added} adapters, trained {cfg.train_lora_simultaneously_num} at a time "
+              "over the shared base (--train_lora_simultaneously_num and --train_lora_candidate_num change it)")
     print(f"next: python launch.py run --config {out} --base_model <hub id | model folder | .gguf file>")
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Redraw the charts of a run's output folder: accuracy per configuration (mean, spread over
+    seeds, each replica) from its results, and the training loss curves from its metrics logs."""
+    from mlora.plot import redraw
+
+    for path in redraw(args.output_dir, stem=args.results):
+        print(f"wrote {path}")
     return EXIT_OK
 
 
@@ -246,7 +304,13 @@ def _train_and_evaluate(args: argparse.Namespace, cfg: RunConfig, options, world
         status = EXIT_TRAIN_FAILED if failed else EXIT_OK
         shard = None if world is None else Shard(world.rank, world.size, lockstep=options.fsdp)
         try:
-            evaluate_trained(summary, cfg, args.base_model, folder=folder, shard=shard)
+            results = evaluate_trained(summary, cfg, args.base_model, folder=folder, shard=shard, charts=True)
+            if results is None and leader:  # nothing scored (instruction data): the loss curves alone
+                from mlora.evaluate.replicas import group_replicas
+                from mlora.plot import draw_charts_or_say_why
+
+                groups = [(c.label, c.adapters) for c in group_replicas(cfg.lora)]
+                draw_charts_or_say_why(folder, results=None, adapters=cfg.adapter_names, groups=groups)
         except MloraError as err:
             if leader:
                 print(f"error: evaluation: {err} (the trained adapters are saved in {summary.output_dir}; once this "
@@ -272,7 +336,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with open_run_folder(args.output_dir) as folder:
         evaluate_saved(args.base_model, cfg, args.output_dir, adapters=adapters,
                        protocol=args.protocol, limit=args.limit, dtype=args.dtype, quantize=args.quantize,
-                       device=args.device, folder=folder)  # fmt: skip
+                       device=args.device, folder=folder, charts=True)  # fmt: skip
     return EXIT_OK
 
 
@@ -366,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python launch.py gen --template mixlora --tasks 'arc-e;boolq' && "
         "python launch.py run --base_model meta-llama/Llama-2-7b-hf",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{quickstart,gen,run,evaluate,merge,avail}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{quickstart,gen,run,evaluate,plot,merge,avail}")
 
     quick = sub.add_parser("quickstart", help="the whole framework on a small real model, in minutes",
                            description=cmd_quickstart.__doc__)  # fmt: skip
@@ -397,10 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     hints = get_type_hints(MixLoraConfig)
     for flag, key, typ, aliases in _ADAPTER_OVERRIDES:
         choices = get_args(hints[key]) if get_origin(hints[key]) is Literal else None
-        metavar = "BOOL" if typ is _bool else ("NAME" if choices else None)
+        metavar = "BOOL[,BOOL]" if typ is _bool else ("NAME[,NAME]" if choices else f"{key.upper()}[,...]")
         one_of = f" One of: {', '.join(choices)}." if choices else ""
-        gen.add_argument(flag, *aliases, dest=key, type=typ, metavar=metavar, choices=choices,
-                         help=f"Per adapter: {_help_of(key)}{one_of} Default: the template's.")  # fmt: skip
+        gen.add_argument(flag, *aliases, dest=key, type=_list_of(typ, choices), metavar=metavar,
+                         help=f"Per adapter: {_help_of(key)}{one_of} Default: the template's. A comma list "
+                         "sweeps it.")  # fmt: skip
+    gen.add_argument("--seeds", type=int, metavar="N", help="Sweep replicas: every adapter N times, each with its "
+                     "own seed key (initial weights, dropout, data order) and named ..._s<seed>.")  # fmt: skip
+    gen.add_argument("--first_seed", type=int, metavar="S", help="With --seeds: the seeds are S..S+N-1 (default 0; "
+                     "add replicas to a sweep later with --append --first_seed N).")  # fmt: skip
     gen.set_defaults(func=cmd_gen)
 
     run = sub.add_parser("run", help="validate a run config, then train and evaluate", description=cmd_run.__doc__)
@@ -437,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true",
                        help="Write into a non-empty --output_dir (never allowed: the base model's own folder).")
     merge.set_defaults(func=cmd_merge)
+
+    plot = sub.add_parser("plot", help="redraw the accuracy and loss charts of an output folder",
+                          description=cmd_plot.__doc__)  # fmt: skip
+    plot.add_argument("output_dir", help="The --output_dir of a run.")
+    plot.add_argument("--results", default="eval_results", metavar="STEM",
+                      help="Which results in OUTPUT_DIR/_mlora to chart (default: eval_results, those of `run`).")
+    plot.set_defaults(func=cmd_plot)
 
     avail = sub.add_parser("avail", help="list templates and tasks", description=cmd_avail.__doc__)
     avail.set_defaults(func=cmd_avail)

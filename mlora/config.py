@@ -145,6 +145,10 @@ class LoraConfig:
     train_on_inputs: bool = _f(False, "Also compute the loss on prompt tokens.")
     max_grad_norm: float = _f(1.0, "Gradient-clipping norm; 0 disables clipping.", ge=0)
     expand_side: Literal["left", "right"] = _f("right", "Padding side of a micro-batch.")
+    seed: Optional[int] = _f(
+        None, "This adapter's seed (initial weights, dropout masks, data order); null = derived from the run's "
+        "--seed and the adapter name. Replicas of one configuration differ only in it.", ge=0, lt=2**63,
+    )
 
     # Class attributes, not fields (no annotation), so never run-config keys: what peft's and the
     # mixlora package's configs tell a caller. `MixLoraModelForCausalLM.from_pretrained` sets the

@@ -10,6 +10,7 @@ Layout (DESIGN.md section 11)::
         logs/<name>.jsonl          metrics, one file per adapter
         tensorboard/<name>/        TensorBoard events (when tensorboard is installed)
         eval_results*.json / .csv  scores
+        eval_results*.png          charts (accuracy per configuration); loss_curves.png
         tmp/                       folders being written (atomic writes); emptied at start
 
 An adapter name starts with a letter or a digit (`mlora.config.adapter_name_problem`), so it
@@ -56,10 +57,15 @@ class FolderError(MloraError):
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename: a kill leaves the old
     file or the new one, never half of one. The caller decides whether `path` may be replaced."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`atomic_write_text` for bytes (an image, say)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -163,10 +169,14 @@ class RunFolder:
 
     def write_text(self, path: Path, text: str) -> Path:
         """Create or replace the file `path` (only if the program's) atomically."""
+        return self.write_bytes(path, text.encode("utf-8"))
+
+    def write_bytes(self, path: Path, data: bytes) -> Path:
+        """Create or replace the file `path` (only if the program's) atomically."""
         path = Path(path)
         self.check_replaceable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, text)
+        atomic_write_bytes(path, data)
         return self.created(path)
 
     @contextlib.contextmanager

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mlora.evaluate.protocols import argmax, continuation_length
+from mlora.evaluate.replicas import Configuration, best_per_method, summarise
 
 RESULTS_STEM = "eval_results"
 FORMAT_VERSION = 1
@@ -95,7 +96,9 @@ class TaskResult:
 
 @dataclass
 class EvalResults:
-    """Everything one evaluation produced; `tasks` is in adapter order, then task order."""
+    """Everything one evaluation produced; `tasks` is in adapter order, then task order.
+    `configurations` groups replicas of one configuration (`mlora.evaluate.replicas`); an
+    adapter in none is a configuration of its own."""
 
     tasks: list[TaskResult]
     model: str | None = None
@@ -103,6 +106,13 @@ class EvalResults:
     limit: int | None = None
     padding_side: str = "left"
     seconds: float = 0.0
+    configurations: list[Configuration] = field(default_factory=list)
+
+    @property
+    def grouped(self) -> bool:
+        """True when some configuration has several scored replicas (the table shows mean ± std)."""
+        scored = set(self.adapters)
+        return any(sum(a in scored for a in c.adapters) > 1 for c in self.configurations)
 
     @property
     def adapters(self) -> list[str]:
@@ -136,11 +146,20 @@ class EvalResults:
                           "validation"), "items", "correct", "acc", "acc_norm" (null where the
                           task reports none: under choice, and for boolq, siqa and winogrande,
                           which lm-eval scores by acc only), "truncated"}, ...],
-             "averages": [{"adapter", "protocol", "tasks", "items", "acc", "acc_norm"}, ...]}
+             "averages": [{"adapter", "protocol", "tasks", "items", "acc", "acc_norm"}, ...],
+             "configurations": [{"configuration", "method", "n", "adapters", "seeds",
+                                 "tasks": {task: {"acc_mean", "acc_std", "acc_norm_mean", "acc_norm_std"}},
+                                 "average": {...the same four}}, ...],
+             "best": [{"method", "configuration", "acc_mean", "acc_std", "n", "runner_up",
+                       "configurations"}, ...]}
 
         Accuracies are fractions in [0, 1]; an average is the unweighted mean over tasks (its
-        acc_norm is null unless every one of the adapter's tasks has one).
+        acc_norm is null unless every one of the adapter's tasks has one). `results` and
+        `averages` hold every replica; `configurations` their mean and sample standard deviation
+        over seeds (`mlora.evaluate.replicas.summarise`), `best` the best configuration per
+        method by mean average accuracy.
         """
+        configurations = summarise(self, self.configurations)
         return {
             "format": FORMAT_VERSION,
             "model": self.model,
@@ -151,6 +170,8 @@ class EvalResults:
             "seconds": round(self.seconds, 3),
             "results": [r.summary() for r in self.tasks],
             "averages": self.averages(),
+            "configurations": configurations,
+            "best": best_per_method(configurations),
         }
 
 
@@ -166,8 +187,12 @@ def format_table(results: EvalResults) -> str:
 
     An adapter with a task that reports ``acc_norm`` (``loglikelihood`` on ARC, OBQA, PIQA,
     HellaSwag) gets a second line for it; a task without that metric, or that the adapter was
-    not scored on, shows ``-``. A footer gives the item count of each task.
+    not scored on, shows ``-``. A footer gives the item count of each task. When replicas of a
+    configuration were scored (`EvalResults.grouped`), the rows are configurations instead
+    (`format_grouped_table`).
     """
+    if results.grouped:
+        return format_grouped_table(results)
     tasks = list(dict.fromkeys(r.task for r in results.tasks))
     averages = {a["adapter"]: a for a in results.averages()}
     header = ["adapter", "metric", *tasks, "avg"]
@@ -183,19 +208,63 @@ def format_table(results: EvalResults) -> str:
                 except KeyError:
                     cells.append("-")
             lines.append([name if metric == "acc" else "", metric, *cells, _percent(averages[name][metric])])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([_title(results), *_columns(lines, 2), _items_line(results, tasks)])
+
+
+def _columns(lines: list[list[str]], left: int) -> list[str]:
+    """Rows of cells as aligned text: the first `left` columns flush left, the others right."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    return ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
             for row in lines]
+
+
+def _title(results: EvalResults) -> str:
     used = sorted({r.protocol for r in results.tasks})
-    title = (f"evaluation: {' and '.join(used)} protocol{'s' if len(used) > 1 else ''}, split {results.split!r}"
-             + (f", first {results.limit} items per task" if results.limit else "")
-             + (f", model {results.model}" if results.model else ""))
+    return (f"evaluation: {' and '.join(used)} protocol{'s' if len(used) > 1 else ''}, split {results.split!r}"
+            + (f", first {results.limit} items per task" if results.limit else "")
+            + (f", model {results.model}" if results.model else ""))
+
+
+def _items_line(results: EvalResults, tasks: list[str]) -> str:
     counts = []
     for task in tasks:
         sizes = sorted({r.items for r in results.tasks if r.task == task})
         split = next(r.split for r in results.tasks if r.task == task)
         counts.append(f"{task} {'/'.join(map(str, sizes))} ({split})")
-    return "\n".join([title, *text, "items: " + ", ".join(counts)])
+    return "items: " + ", ".join(counts)
+
+
+def _spread(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return _percent(mean) if std is None else f"{_percent(mean)} ± {_percent(std)}"
+
+
+def format_grouped_table(results: EvalResults) -> str:
+    """The configurations x tasks table: per configuration the mean ± sample standard deviation
+    over its replicas (``n`` of them) of each task's accuracy and of their average, in %; then
+    the best configuration of each method (highest mean average accuracy) with the runner-up.
+    Every replica's own row is in the JSON and CSV (`save_results`)."""
+    summaries = summarise(results, results.configurations)
+    tasks = list(dict.fromkeys(r.task for r in results.tasks))
+    lines = [["configuration", "n", "metric", *tasks, "avg"]]
+    for s in summaries:
+        has_norm = any(t["acc_norm_mean"] is not None for t in s["tasks"].values())
+        for metric in ("acc", "acc_norm") if has_norm else ("acc",):
+            cells = [_spread(s["tasks"][t][f"{metric}_mean"], s["tasks"][t][f"{metric}_std"]) if t in s["tasks"]
+                     else "-" for t in tasks]  # fmt: skip
+            avg = _spread(s["average"][f"{metric}_mean"], s["average"][f"{metric}_std"])
+            first = metric == "acc"
+            lines.append([s["configuration"] if first else "", str(s["n"]) if first else "", metric, *cells, avg])
+    best = []
+    for b in best_per_method(summaries):
+        line = f"best {b['method']}: {b['configuration']} avg {_spread(b['acc_mean'], b['acc_std'])} (n={b['n']})"
+        if b["runner_up"] is not None:
+            r = b["runner_up"]
+            line += f"; next {r['configuration']} {_spread(r['acc_mean'], r['acc_std'])} (n={r['n']})"
+        best.append(line)
+    note = "accuracy in %: mean ± sample standard deviation over each configuration's n seeds"
+    return "\n".join([_title(results), *_columns(lines, 3), _items_line(results, tasks), *best, note])
 
 
 _CSV_FIELDS = ("adapter", "task", "protocol", "split", "items", "correct", "acc", "acc_norm", "truncated")

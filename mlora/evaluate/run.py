@@ -14,6 +14,7 @@ from pathlib import Path
 from mlora.data import BENCHMARK_TASKS
 from mlora.evaluate.batched import BASE, Shard, adapter_spec, base_spec, evaluate
 from mlora.evaluate.protocols import EvaluationError
+from mlora.evaluate.replicas import group_replicas
 from mlora.evaluate.results import RESULTS_STEM, EvalResults, format_table, save_results
 from mlora.run_folder import RunFolder, open_run_folder
 
@@ -69,7 +70,8 @@ def plan_evaluation(run_config, output_dir, adapters: Sequence[str] | None = Non
 def evaluate_run(model, tokenizer, run_config, output_dir, base_model_name: str | None = None, *,
                  adapters: Sequence[str] | None = None, protocol: str | None = None, limit: int | None = None,
                  require_tasks: bool = True, stem: str | None = None, progress: bool = True,
-                 echo=print, folder: RunFolder | None = None, shard: Shard | None = None) -> EvalResults | None:
+                 echo=print, folder: RunFolder | None = None, shard: Shard | None = None,
+                 charts: bool = False) -> EvalResults | None:
     """Score the saved adapters of a run, print the table and save it into ``output_dir/_mlora/``.
 
     This is what `launch.py run` calls after training and what `launch.py evaluate` runs.
@@ -93,6 +95,9 @@ def evaluate_run(model, tokenizer, run_config, output_dir, base_model_name: str 
         folder: `output_dir` opened by the caller (`open_run_folder`); None opens it to save.
         shard: this rank's part of the scoring over several processes (`Shard`); every rank
             gets every score, rank 0 alone prints and saves.
+        charts: also draw the accuracy chart (``<stem>.png``) next to the results and, for the
+            full results (``eval_results``), the scored adapters' loss curves (`mlora.plot`;
+            without matplotlib, one line says how to get them).
     Returns:
         The `EvalResults`, or None when there was nothing to score (``require_tasks=False``).
     """
@@ -116,6 +121,7 @@ def evaluate_run(model, tokenizer, run_config, output_dir, base_model_name: str 
     finally:
         for name in loaded:
             model.remove_adapter(name)
+    results.configurations = group_replicas(chosen)  # replicas of one configuration: mean ± std
     if stem is None:
         stem = results_stem(adapters[0] if adapters is not None and len(adapters) == 1 else None, protocol, limit)
     if shard is not None and shard.rank != 0:
@@ -126,8 +132,15 @@ def evaluate_run(model, tokenizer, run_config, output_dir, base_model_name: str 
         json_path, csv_path = save_results(results, opened.meta, stem)
         for path in (json_path, csv_path):
             opened.created(path)
-    echo(format_table(results))
-    echo(f"results: {json_path} and {csv_path}")
+        echo(format_table(results))
+        echo(f"results: {json_path} and {csv_path}")
+        if charts:
+            from mlora.plot import draw_charts_or_say_why
+
+            # The loss chart shows the whole run: redrawn with the full results only, never
+            # narrowed to the adapters of a partial evaluation.
+            draw_charts_or_say_why(opened, echo, results=results.to_dict(), stem=stem,
+                                   adapters=[cfg.name for cfg in chosen] if stem == RESULTS_STEM else [])
     return results
 
 
@@ -141,7 +154,8 @@ def results_stem(adapter: str | None = None, protocol: str | None = None, limit:
 def evaluate_saved(base_model: str, run_config, output_dir, *, adapters: Sequence[str] | None = None,
                    protocol: str | None = None, limit: int | None = None, dtype: str | None = None,
                    quantize: str | None = None, device: str | None = None, stem: str | None = None,
-                   progress: bool = True, echo=print, folder: RunFolder | None = None) -> EvalResults | None:
+                   progress: bool = True, echo=print, folder: RunFolder | None = None,
+                   charts: bool = False) -> EvalResults | None:
     """`launch.py evaluate`: check the plan, load the base model, then `evaluate_run`.
 
     `dtype` None is bf16 on a CUDA device that supports it, else fp32 (as `launch.py run`).
@@ -156,11 +170,12 @@ def evaluate_saved(base_model: str, run_config, output_dir, *, adapters: Sequenc
                                        device=device)
     return evaluate_run(MultiAdapterModel(model), tokenizer, run_config, output_dir, base_model,
                         adapters=adapters, protocol=protocol, limit=limit, stem=stem, progress=progress, echo=echo,
-                        folder=folder)
+                        folder=folder, charts=charts)
 
 
 def evaluate_trained(summary, run_config, base_model_name: str | None, echo=print,
-                     folder: RunFolder | None = None, shard: Shard | None = None) -> EvalResults | None:
+                     folder: RunFolder | None = None, shard: Shard | None = None,
+                     charts: bool = False) -> EvalResults | None:
     """`launch.py run`, after training: score every adapter that finished (now or in an
     earlier run) and has a benchmark task, on the model and tokenizer training used.
 
@@ -172,4 +187,4 @@ def evaluate_trained(summary, run_config, base_model_name: str | None, echo=prin
         return None
     return evaluate_run(summary.model, summary.tokenizer, run_config, summary.output_dir, base_model_name,
                         adapters=done, require_tasks=False, echo=echo, stem=RESULTS_STEM, folder=folder,
-                        shard=shard)
+                        shard=shard, charts=charts)

@@ -316,6 +316,13 @@ def _zero_term(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(logits), logits, 0).sum() * 0.0
 
 
+def seed_of(cfg: LoraConfig, run_seed: int) -> int:
+    """The seed of an adapter's initial weights, dropout streams and data order: its own ``seed``
+    key when set (so replicas given one seed train alike whatever their names), else derived
+    from the run seed and its name (`adapter_seed`), as configs without the key always had."""
+    return adapter_seed(run_seed, cfg.name) if cfg.seed is None else cfg.seed
+
+
 def adapter_generator(ar: AdapterRun, pos: Position, device: torch.device) -> torch.Generator:
     """The random stream of one adapter's micro-batch at `pos`, a function of (adapter seed, data position)."""
     return torch.Generator(device=device).manual_seed(mix_seed(ar.seed, "dropout", pos.epoch, pos.batch, pos.micro))
@@ -428,7 +435,7 @@ def score_adapter(run: Run, ar: AdapterRun) -> None:
 def activate(run: Run, name: str) -> AdapterRun:
     """Add adapter `name` to the model and build its training state (fresh or from the checkpoint)."""
     cfg = run.cfg(name)
-    seed = adapter_seed(run.seed, name)
+    seed = seed_of(cfg, run.seed)
     restoring = name in run.resume.restore
     if restoring:
         state = ckpt.restore_adapter(run.model, run.resume, cfg)
@@ -448,7 +455,8 @@ def activate(run: Run, name: str) -> AdapterRun:
 
 def finish_adapter(run: Run, ar: AdapterRun) -> None:
     """Save a finished adapter to ``output_dir/<name>/`` and unload it."""
-    info = {"run_id": run.run_id, "base_model": run.options.base_model, "seed": run.seed, "steps": ar.step,
+    info = {"run_id": run.run_id, "base_model": run.options.base_model, "seed": run.seed,
+            "adapter_seed": ar.seed, "steps": ar.step,
             "epochs": ar.cfg.num_epochs, "examples": len(ar.data.examples),
             "truncated": ar.prepared.num_truncated, "final_loss": ar.last_loss}
     folder = run.parallel.write_final(run, ar.name, info)
@@ -592,7 +600,9 @@ def _setup(config: RunConfig, options: TrainOptions, todo: list[LoraConfig], see
 def _setup_data(todo: list[LoraConfig], seed: int) -> dict[str, list]:
     """Every adapter's raw examples, and one item of every evaluation split the run will score:
     data problems surface before the (slow) model load."""
-    raw = {a.name: read_examples(a, seed) for a in todo}
+    # A multi-task mixture is shuffled by the run seed, or by the adapter's own `seed` when it
+    # has one (its data order is then the adapter's alone, as a replica's must be).
+    raw = {a.name: read_examples(a, seed if a.seed is None else a.seed) for a in todo}
     check_eval_data(todo)
     return raw
 
