@@ -8,6 +8,11 @@ error type that two layers share lives here too, below both.
 """
 
 
+def one_line(err: BaseException) -> str:
+    """An error message on one line (library messages often span several)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
 class MloraError(Exception):
     """A problem with the user's input, files or environment; the message says how to fix it."""
 

@@ -44,33 +44,28 @@ def generate(args) -> str:
     from transformers import AutoTokenizer
 
     from mlora.data import load_template
+    from mlora.hub import local_files_only
     from mlora.model.inference import MixLoraModelForCausalLM
-    from mlora.train.setup import hub_offline_unless_reachable
 
     # The template first: a bad --template fails before a model is loaded.
     template = load_template(args.template)
     model, config = MixLoraModelForCausalLM.from_pretrained(args.lora_weights, base_model=args.base_model,
                                                             torch_dtype=args.dtype, device=args.device)
-    with hub_offline_unless_reachable(config.base_model_name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(config.base_model_name_or_path)
+    base = config.base_model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=local_files_only(base))
     inputs = tokenizer(template.render(args.instruction, args.input), return_tensors="pt").to(model.device)
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
-    extra = dict(temperature=args.temperature, top_p=args.top_p) if sample else {}
+    extra = {"temperature": args.temperature, "top_p": args.top_p} if sample else {}
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=sample,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **extra)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def one_line(err: BaseException) -> str:
-    """An error message on one line (library messages often span several)."""
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from mlora.errors import MloraError
+    from mlora.errors import MloraError, one_line
 
     try:
         print(generate(args))

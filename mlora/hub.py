@@ -1,14 +1,18 @@
-"""Adapters named by a Hugging Face Hub id: a local folder first, else the hub cache, else a download.
+"""Models and adapters named by a Hugging Face Hub id: the one rule for when the Hub is asked.
 
     resolve_adapter("output/mixlora_0")             -> Path("output/mixlora_0")
     resolve_adapter("TUDB-Labs/alpaca-mixlora-7b")   -> <hub cache>/models--TUDB-Labs--alpaca-mixlora-7b/snapshots/<rev>
 
-The inference API and every command that takes an adapter (`generate.py --lora_weights`) go
-through `resolve_adapter`, so an id works wherever a folder does. The Hub is used the way the
-rest of mlora uses it (`mlora.data.sources` holds the rule): with HF_HUB_OFFLINE (or
-HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE) set, or a Hub that does not answer, only the local
-cache is read and nothing is requested, so a missing copy fails at once instead of after minutes
-of retries. The cache is huggingface_hub's own (HF_HOME / HF_HUB_CACHE).
+The rule (`local_files_only`): a local folder is used as it is; a hub id is read from the hub
+cache alone (the hub libraries' own ``local_files_only=True``) when it is already there or when
+HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE) is set, and is otherwise loaded
+the ordinary way, downloading into the cache. Nothing is probed and no library setting is
+changed; a copy that is neither cached nor downloadable is a one-line error naming the id.
+The cache is huggingface_hub's own (HF_HOME / HF_HUB_CACHE).
+
+The base model loader (`mlora.model.loading.load_base_model`), the inference API and every
+command that takes an adapter (`generate.py --lora_weights`) follow it, so an id works wherever
+a folder does.
 """
 
 from __future__ import annotations
@@ -35,15 +39,44 @@ def looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.fullmatch(text)) and ".." not in text and "--" not in text
 
 
-def hub_offline_reason() -> str | None:
-    """Why the Hub must not be asked right now (offline mode or no answer), or None to ask it."""
-    from mlora.data import sources
+def in_cache(repo_id: str, filename: str) -> bool:
+    """Whether `filename` of model repository `repo_id` is in the hub cache (no request made)."""
+    from huggingface_hub import try_to_load_from_cache
 
-    if sources.offline_requested():
-        return "offline mode is on (HF_HUB_OFFLINE)"
-    if not sources.hub_reachable():
-        return f"the Hub did not answer within {sources.HUB_PROBE_TIMEOUT_S:g} s"
-    return None
+    return isinstance(try_to_load_from_cache(repo_id, filename), str)
+
+
+def local_files_only(name_or_path: str | os.PathLike, filename: str = "config.json") -> bool:
+    """The hub rule: whether loading `name_or_path` must read the hub cache only.
+
+    Args:
+        name_or_path: a local folder (False: it is used as it is) or a hub id.
+        filename: a file every copy of the repository holds (``config.json`` for a model).
+    Returns:
+        True for a hub id that is already cached or when offline mode is on (HF_HUB_OFFLINE);
+        pass it as ``local_files_only`` to ``from_pretrained`` / ``snapshot_download``.
+    """
+    from mlora.data.sources import offline_requested
+
+    text = os.fspath(name_or_path)
+    if Path(text).expanduser().exists() or not looks_like_hub_id(text):
+        return False
+    return offline_requested() or in_cache(text, filename)
+
+
+def not_loaded_reason(repo_id: str, err: BaseException) -> str:
+    """Why hub id `repo_id` could not be loaded under the rule, on one line (after "could not load X: ")."""
+    from huggingface_hub import constants
+
+    from mlora.data.sources import offline_requested
+
+    if offline_requested():
+        return (f"it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and offline mode is on "
+                f"(HF_HUB_OFFLINE); download it where the Hub is reachable (`hf download {repo_id} --local-dir DIR`) "
+                "and pass DIR")
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return (f"it is neither in the Hugging Face cache ({constants.HF_HUB_CACHE}) nor could it be downloaded "
+            f"({first}); without network access, pass a local folder")
 
 
 def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
@@ -54,7 +87,7 @@ def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
             that name exists.
     Returns:
         The folder itself, or the snapshot folder of the id in the hub cache (downloaded first
-        when the Hub is reachable and offline mode is off).
+        when it is not cached and offline mode is off; see `local_files_only`).
     Raises:
         AdapterNotFoundError: no such folder, and the id is not cached (offline) or not on the
             Hub; the message names it and says how to point at a local folder instead.
@@ -75,14 +108,16 @@ def _hub_snapshot(repo_id: str) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-    reason = hub_offline_reason()
+    from mlora.data.sources import offline_requested
+
     local = f"pass the path of a local adapter folder (one holding {ADAPTER_CONFIG} and the weights) instead"
     try:
         folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=ADAPTER_FILES,
-                                                   local_files_only=reason is not None)
+                                                   local_files_only=local_files_only(repo_id, ADAPTER_CONFIG))
     except LocalEntryNotFoundError as err:
         cache = huggingface_hub.constants.HF_HUB_CACHE
-        why = reason or f"the Hub could not be reached ({str(err).splitlines()[0]})"
+        why = ("offline mode is on (HF_HUB_OFFLINE)" if offline_requested() else
+               f"the Hub could not be reached ({str(err).splitlines()[0]})")
         raise AdapterNotFoundError(
             f"adapter {repo_id!r} is not a local folder and is not in the Hugging Face cache ({cache}), and {why}. "
             f"Download it where the Hub is reachable (`hf download {repo_id} --local-dir DIR`) and pass DIR, "

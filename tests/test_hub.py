@@ -1,14 +1,47 @@
-"""Adapter names: a local folder first, else a hub id from the cache (offline) or the Hub."""
+"""Hub ids: a local folder first; a cached id (or any, offline) read from the cache alone; else a download."""
 
+import socket
 import time
 
 import huggingface_hub
 import pytest
+import transformers
 
 from mlora.data import sources
-from mlora.hub import AdapterNotFoundError, looks_like_hub_id, resolve_adapter
+from mlora.hub import AdapterNotFoundError, local_files_only, looks_like_hub_id, resolve_adapter
 from mlora.io import AdapterFileError
+from mlora.model.loading import ModelLoadError, load_base_model
 from tests.hub_cache import offline_hub, publish
+from tests.tiny import save_tiny, tiny_model, word_tokenizer
+
+
+def online_cache(monkeypatch, hf_home):
+    """`hf_home` as the hub cache with offline mode off (no HF_*_OFFLINE variable, the constant False)."""
+    offline_hub(monkeypatch, hf_home)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return hf_home
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to resolve a host name or open a connection, recorded and refused."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("no network in this test")
+
+    # huggingface_hub (2.x) fetches a registry for its user-agent header once per process, online
+    # mode or not, and lives without it; counted as loaded here, so what is left is the loading.
+    agent = getattr(huggingface_hub.utils, "_detect_agent", None)
+    if agent is not None and hasattr(agent, "_EMPTY_REGISTRY"):
+        monkeypatch.setattr(agent, "_registry", agent._EMPTY_REGISTRY)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
 
 
 @pytest.fixture
@@ -72,11 +105,9 @@ def test_offline_hub_id_comes_from_the_cache(tmp_path, monkeypatch, adapter_file
                                                   "adapter_model.bin"}
 
 
-def test_unreachable_hub_reads_the_cache_without_requests(tmp_path, monkeypatch, adapter_files, calls):
-    snapshot = publish(offline_hub(monkeypatch, tmp_path / "hf"), "owner/ad", adapter_files)
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(sources, "hub_reachable", lambda *a, **k: False)
+def test_a_cached_id_is_read_from_the_cache_with_offline_mode_off(tmp_path, monkeypatch, adapter_files, no_probe,
+                                                                  calls):
+    snapshot = publish(online_cache(monkeypatch, tmp_path / "hf"), "owner/ad", adapter_files)
     monkeypatch.chdir(tmp_path)
     assert resolve_adapter("owner/ad") == snapshot
     assert calls[0][1]["local_files_only"] is True
@@ -108,3 +139,33 @@ def test_missing_paths_and_files_are_named(tmp_path, monkeypatch, no_probe):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(AdapterNotFoundError, match="weights.bin is a file"):
         resolve_adapter(tmp_path / "weights.bin")
+
+
+def test_a_cached_model_id_loads_without_network_or_patched_globals(tmp_path, monkeypatch, no_probe, no_network):
+    hf_home = online_cache(monkeypatch, tmp_path / "hf")
+    publish(hf_home, "owner/tiny-base", save_tiny(tiny_model(), word_tokenizer(), tmp_path / "base"))
+    monkeypatch.chdir(tmp_path)
+    seen = []  # the hub library's offline setting while transformers loads
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def recorded(*args, **kwargs):
+        seen.append((huggingface_hub.constants.HF_HUB_OFFLINE, kwargs.get("local_files_only")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recorded)
+    assert local_files_only("owner/tiny-base") and not local_files_only("owner/not-cached")
+    model, tokenizer = load_base_model("owner/tiny-base", device="cpu")
+    assert model.config.vocab_size == len(tokenizer)
+    assert seen == [(False, True)] and no_network == []
+
+
+def test_an_id_absent_in_offline_mode_is_a_one_line_error_naming_it(tmp_path, monkeypatch, no_probe, no_network):
+    offline_hub(monkeypatch, tmp_path / "hf")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the environment alone says offline
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as caught:
+        load_base_model("owner/absent-base", device="cpu")
+    text = str(caught.value)
+    assert text.startswith("could not load base model 'owner/absent-base': it is not in the Hugging Face cache")
+    assert "offline mode is on (HF_HUB_OFFLINE)" in text and "hf download owner/absent-base" in text
+    assert "\n" not in text and no_network == []

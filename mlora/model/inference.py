@@ -32,8 +32,8 @@ class MixLoraModelForCausalLM:
 
         Args:
             name_or_path: folder with ``adapter_config.json`` and the adapter weights, or a
-                Hugging Face Hub id (``owner/name``), read from the hub cache or downloaded
-                (cache only with HF_HUB_OFFLINE set; see `mlora.hub.resolve_adapter`).
+                Hugging Face Hub id (``owner/name``), read from the hub cache when it is there
+                (or HF_HUB_OFFLINE is set), else downloaded (`mlora.hub`); the base model likewise.
             base_model: hub id, local folder or ``.gguf`` path overriding the
                 ``base_model_name_or_path`` stored in the adapter config; or an already
                 loaded transformers model (its weights are then frozen and wrapped in place).
@@ -60,11 +60,7 @@ class MixLoraModelForCausalLM:
             raise AdapterFileError(f"{name_or_path}: adapter_config.json names no base model; "
                                    "pass base_model=... (a hub id, folder or .gguf file)")
         if isinstance(base, (str, Path)):
-            # The rule's one home is the trainer's setup; importing it starts no training.
-            from mlora.train.setup import hub_offline_unless_reachable
-
-            with hub_offline_unless_reachable(str(base)):
-                model, _ = load_base_model(str(base), dtype=torch_dtype, device=device)
+            model, _ = load_base_model(str(base), dtype=torch_dtype, device=device)
         else:
             model = base.to(device=device, dtype=torch_dtype and resolve_dtype(torch_dtype))
         adapted = MultiAdapterModel(model)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mlora.errors import MloraError
+from mlora.errors import MloraError, one_line
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -105,13 +105,21 @@ def load_base_model(name_or_path: str, *, dtype=None, quantize: str | None = Non
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device}
+    from mlora.hub import local_files_only, not_loaded_reason
+
+    # The hub rule (mlora.hub): a cached hub id (or any, offline) is read from the cache alone.
+    kwargs["local_files_only"] = local_files_only(folder)
+    if kwargs["local_files_only"]:
+        # transformers looks for a PEFT adapter_config.json in the repository without passing
+        # local_files_only on; it takes it through adapter_kwargs.
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                  local_files_only=kwargs["local_files_only"])
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as err:
-        hint = ("" if Path(folder).exists() else
-                " If there is no network access, pass a local folder or a .gguf file as --base_model.")
-        raise ModelLoadError(f"could not load base model {name_or_path!r}: {err}.{hint}") from err
+        why = one_line(err) if Path(folder).exists() else not_loaded_reason(folder, err)
+        raise ModelLoadError(f"could not load base model {name_or_path!r}: {why}") from err
     if qconfig is None:
         model.to(device)
     for p in model.parameters():

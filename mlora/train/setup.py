@@ -7,7 +7,6 @@ output folder allows, and resuming, live in `mlora.train.checkpoint`.)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -104,22 +103,3 @@ def check_eval_data(cfgs: list) -> None:
 def log_prepared(name: str, prepared: Prepared, cutoff_len: int) -> None:
     logger.info("%s: %d examples, %d truncated to cutoff_len %d, %d dropped (no target token left)", name,
                 prepared.num_raw, prepared.num_truncated, cutoff_len, prepared.num_dropped)
-
-
-@contextlib.contextmanager
-def hub_offline_unless_reachable(base_model: str):
-    """Hold the hub client offline while loading a non-local base model when the Hub cannot be
-    reached: a cached copy still loads, a missing one fails at once instead of retrying for minutes."""
-    from mlora.data.sources import hub_reachable, offline_requested
-
-    if Path(base_model).exists() or offline_requested() or hub_reachable():
-        yield
-        return
-    import huggingface_hub.constants as hub_constants
-
-    saved = hub_constants.HF_HUB_OFFLINE
-    hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub_constants.HF_HUB_OFFLINE = saved

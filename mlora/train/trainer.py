@@ -65,7 +65,6 @@ from mlora.train.setup import (
     TrainOptions,
     check_adapters,
     check_eval_data,
-    hub_offline_unless_reachable,
     log_prepared,
     resolve_device_dtype,
 )
@@ -612,9 +611,8 @@ def _setup_model(options: TrainOptions, todo: list[LoraConfig], seed: int, world
     modules and ranks checked); returns ``(model, tokenizer, device, base dtype)``. With
     ``--fsdp`` the base is loaded on the CPU and sharded over the ranks onto `device`."""
     device, dtype = resolve_device_dtype(options)
-    with hub_offline_unless_reachable(options.base_model):
-        hf_model, tokenizer = load_base_model(options.base_model, dtype=dtype, quantize=options.quantize,
-                                              device="cpu" if options.fsdp else device, attn_impl=options.attn_impl)
+    hf_model, tokenizer = load_base_model(options.base_model, dtype=dtype, quantize=options.quantize,
+                                          device="cpu" if options.fsdp else device, attn_impl=options.attn_impl)
     model = MultiAdapterModel(hf_model)
     check_adapters(model, todo, seed)
     if options.fsdp:

@@ -93,7 +93,7 @@ def routing_html(panel: Panel) -> str:
 
 # ------------------------------------------------------------------------------- the page
 def _message(err: BaseException) -> str:
-    from mlora.generate import one_line
+    from mlora.errors import one_line
 
     text = one_line(err)
     return f"\u26a0\ufe0f {text[:1].upper()}{text[1:]}"

@@ -91,8 +91,7 @@ def serve(workspace, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, bloc
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from mlora.errors import MloraError
-    from mlora.generate import one_line
+    from mlora.errors import MloraError, one_line
 
     try:
         require_gradio()

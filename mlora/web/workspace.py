@@ -209,7 +209,6 @@ def load_workspace(lora_weights: Sequence[str], *, base_model: str | None = None
     from mlora.io import load_adapter, read_adapter_config
     from mlora.model.adapted import MultiAdapterModel
     from mlora.model.loading import load_base_model
-    from mlora.train.setup import hub_offline_unless_reachable
 
     prompt = load_template(template)  # a bad --template fails before a model is loaded
     adapters = []
@@ -217,8 +216,7 @@ def load_workspace(lora_weights: Sequence[str], *, base_model: str | None = None
         cfg, named_base = read_adapter_config(folder, name=name)
         adapters.append(Adapter(name, folder, cfg, named_base))
     base = choose_base(adapters, base_model)
-    with hub_offline_unless_reachable(base):
-        hf_model, tokenizer = load_base_model(base, dtype=dtype, device=device)
+    hf_model, tokenizer = load_base_model(base, dtype=dtype, device=device)
     model = MultiAdapterModel(hf_model)
     for adapter in adapters:
         try:
