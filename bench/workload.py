@@ -41,8 +41,9 @@ import torch
 from torch import nn
 
 from bench.interference import cpu_seconds, other_cpu_share
+from mlora.config import DEFAULT_TARGET_MODULES
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS = list(DEFAULT_TARGET_MODULES)  # every projection an adapter can target
 
 # Random-weight Llama shapes (nothing is downloaded). `tiny` keeps a small vocabulary so that
 # the smoke test stays fast, `nano` is the GPU check's dry run (its whole step is overhead);

@@ -2,7 +2,7 @@
 
 Public API (see each function's docstring for details):
 
-    BENCHMARK_TASKS, CASUAL, PROTOCOLS
+    BENCHMARK_TASKS, CASUAL_TASK, PROTOCOLS
     DataError                               every user-facing data problem
     is_benchmark(name) -> bool
     get_task(name) -> Task                  source, subset, splits, fields, row parser
@@ -25,11 +25,8 @@ from mlora.data.casual import PromptTemplate, load_template
 from mlora.data.errors import DataError
 from mlora.data.items import PROTOCOLS, LoglikelihoodRequests, MultipleChoiceItem, TrainingExample
 from mlora.data.load import build_training_examples, load_items, task_sources
-from mlora.data.registry import CASUAL, get_task, is_benchmark, task_names
+from mlora.data.registry import BENCHMARK_TASKS, CASUAL_TASK, get_task, is_benchmark, task_names
 from mlora.data.task import Task
-
-# The commonsense benchmarks every adapter can be trained and scored on (DESIGN.md section 6).
-BENCHMARK_TASKS = ("arc-c", "arc-e", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
 
 _TOKENIZE_EXPORTS = (
     "IGNORE_INDEX", "TokenizedExample", "TokenizedExamples", "Padded", "pad_rows", "split_ids", "tokenize_example",
@@ -38,7 +35,7 @@ _TOKENIZE_EXPORTS = (
 
 __all__ = [
     "BENCHMARK_TASKS",
-    "CASUAL",
+    "CASUAL_TASK",
     "IGNORE_INDEX",
     "PROTOCOLS",
     "DataError",

@@ -24,15 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlora.config import CASUAL_TASK  # m-LoRA's task_name for instruction data
 from mlora.data import fields
 from mlora.data.errors import DataError, RowError
 from mlora.data.items import TrainingExample
 from mlora.data.sources import RowChunk, parse_rows
 
 logger = logging.getLogger("mlora.data")
-
-# Instruction data (alpaca records) trained with a prompt template; not a benchmark.
-CASUAL = "casual"
 
 
 @dataclass(frozen=True)
@@ -154,11 +152,11 @@ def instruction_example(row: Mapping[str, Any], template: PromptTemplate) -> Tra
     output = fields.value(row, "output")
     if not isinstance(output, str) or not output.strip():
         raise RowError(f"field 'output' should be a non-empty string, got {output!r}")
-    return TrainingExample(CASUAL, template.render(instruction, (raw_input or "").strip()), output, add_eos=True)
+    return TrainingExample(CASUAL_TASK, template.render(instruction, (raw_input or "").strip()), output, add_eos=True)
 
 
 def instruction_examples(
     chunks: Sequence[RowChunk], template: PromptTemplate, limit: int | None = None
 ) -> list[TrainingExample]:
     """Examples from every row (up to `limit`), or a `DataError` listing the malformed rows."""
-    return parse_rows(CASUAL, chunks, lambda row: instruction_example(row, template), limit)
+    return parse_rows(CASUAL_TASK, chunks, lambda row: instruction_example(row, template), limit)

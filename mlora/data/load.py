@@ -7,7 +7,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlora.data.casual import CASUAL, instruction_examples, load_template
+from mlora.config import CASUAL_TASK
+from mlora.data.casual import instruction_examples, load_template
 from mlora.data.errors import DataError
 from mlora.data.items import PROTOCOLS, MultipleChoiceItem, Protocol, TrainingExample
 from mlora.data.registry import get_task, task_names
@@ -124,11 +125,11 @@ def build_training_examples(
     """
     _check_limit(limit)
     names = task_names(task_name)
-    if protocol not in PROTOCOLS and any(name != CASUAL for name in names):
+    if protocol not in PROTOCOLS and any(name != CASUAL_TASK for name in names):
         raise DataError(f"Unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}.")
     examples: list[TrainingExample] = []
     for name, source in task_sources(names, data):
-        if name == CASUAL:
+        if name == CASUAL_TASK:
             examples.extend(_instruction_examples(source, prompt, trust_remote_code, limit))
         else:
             items = load_items(name, "train", source, trust_remote_code=trust_remote_code, limit=limit)
@@ -147,5 +148,5 @@ def _instruction_examples(
             "(records with instruction, input, output) given as the adapter's \"data\"."
         )
     template = load_template(prompt)
-    chunks = read_split(data, "train", name=CASUAL, hub_id=None, trust_remote_code=trust_remote_code)
+    chunks = read_split(data, "train", name=CASUAL_TASK, hub_id=None, trust_remote_code=trust_remote_code)
     return instruction_examples(chunks, template, limit)

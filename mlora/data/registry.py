@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import difflib
 
+from mlora.config import CASUAL_TASK
 from mlora.data import arc, boolq, hellaswag, obqa, piqa, siqa, winogrande
-from mlora.data.casual import CASUAL
 from mlora.data.errors import DataError
 from mlora.data.task import Task
 
@@ -15,9 +15,13 @@ _TASKS: dict[str, Task] = {
     for task in module.TASKS
 }
 
+# The commonsense benchmarks every adapter can be trained and scored on (DESIGN.md section 6):
+# the registry's tasks, in its order.
+BENCHMARK_TASKS: tuple[str, ...] = tuple(_TASKS)
+
 
 def _unknown(name: str) -> DataError:
-    known = [*_TASKS, CASUAL]
+    known = [*_TASKS, CASUAL_TASK]
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return DataError(f"Unknown task {name!r}.{hint} Known tasks: {', '.join(known)}.")
@@ -32,7 +36,7 @@ def get_task(name: str) -> Task:
     """The benchmark `Task` called `name`; raises `DataError` (with a suggestion) otherwise."""
     if name in _TASKS:
         return _TASKS[name]
-    if name == CASUAL:
+    if name == CASUAL_TASK:
         raise DataError(
             "'casual' is instruction data, not a benchmark task: it has no fixed source or "
             "labels. Build its examples with build_training_examples('casual', data=..., prompt=...)."
@@ -50,6 +54,6 @@ def task_names(task_name: str) -> tuple[str, ...]:
     if any(not name for name in names):
         raise DataError(f"task_name {task_name!r} has an empty entry; write tasks as 'a;b;c'.")
     for name in names:
-        if name != CASUAL and name not in _TASKS:
+        if name != CASUAL_TASK and name not in _TASKS:
             raise _unknown(name)
     return names
