@@ -14,6 +14,11 @@ import copy
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlora.config import LoraConfig
+    from mlora.model.adapted import MultiAdapterModel
 
 import torch
 from safetensors import SafetensorError
@@ -135,7 +140,7 @@ def peft_state_dict(model, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def peft_config_json(cfg, base_model_name_or_path: str | None) -> dict:
+def peft_config_json(cfg: LoraConfig, base_model_name_or_path: str | None) -> dict:
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
@@ -166,7 +171,7 @@ def save_adapter(model, name: str, folder, base_model_name_or_path: str | None =
     return folder
 
 
-def load_adapter(model, folder, cfg=None, name: str | None = None):
+def load_adapter(model: MultiAdapterModel, folder, cfg: LoraConfig | None = None, name: str | None = None):
     """Add the adapter saved in `folder` to a `MultiAdapterModel`; returns its config.
 
     `cfg` (optional) is the config to create it with (e.g. from a run config); its shape
@@ -195,10 +200,10 @@ def load_adapter(model, folder, cfg=None, name: str | None = None):
     return cfg
 
 
-def _check_same_shape(cfg, file_cfg, folder: Path) -> None:
+def _check_same_shape(cfg: LoraConfig, file_cfg: LoraConfig, folder: Path) -> None:
     keys = ["r", "use_dora", "target_modules"] + (["num_experts"] if cfg.is_moe else [])
     for key in keys:
-        ours, theirs = getattr(cfg, key, None), getattr(file_cfg, key, None)
+        ours, theirs = getattr(cfg, key), getattr(file_cfg, key)
         if key == "target_modules":
             ours, theirs = sorted(ours), sorted(theirs)
         if ours != theirs:

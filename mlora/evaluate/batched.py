@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 
+from mlora.config import LoraConfig, MixLoraConfig
 from mlora.data import BENCHMARK_TASKS, PROTOCOLS, get_task, load_items, pad_rows, task_sources
 from mlora.evaluate.protocols import (
     NO_LIMIT,
@@ -104,12 +105,12 @@ class EvalSpec:
             raise EvaluationError(f"{self.name}: evaluate_batch_size must be >= 1, got {self.batch_size}")
 
 
-def _benchmark_sources(cfg) -> list[tuple[str, object]]:
+def _benchmark_sources(cfg: LoraConfig) -> list[tuple[str, object]]:
     pairs = task_sources(cfg.tasks, cfg.data)
     return [(task, data) for task, data in pairs if task in BENCHMARK_TASKS]
 
 
-def adapter_spec(cfg, protocol: str | None = None) -> EvalSpec | None:
+def adapter_spec(cfg: LoraConfig, protocol: str | None = None) -> EvalSpec | None:
     """What to score adapter `cfg` on: each of its benchmark tasks; None if it has none.
 
     `protocol` overrides the adapter's own ``protocol`` (its training target).
@@ -120,7 +121,7 @@ def adapter_spec(cfg, protocol: str | None = None) -> EvalSpec | None:
     return EvalSpec(cfg.name, cfg.name, tuple(tasks), cfg.evaluate_batch_size)
 
 
-def base_spec(cfgs: Sequence, protocol: str | None = None) -> EvalSpec | None:
+def base_spec(cfgs: Sequence[LoraConfig], protocol: str | None = None) -> EvalSpec | None:
     """The bare base model on every benchmark task of `cfgs`, so it can be compared with them.
 
     Each task is read from the source, and scored with the protocol (unless `protocol` is
@@ -246,7 +247,8 @@ def _share_within(model, spec: EvalSpec, max_length: int | None) -> int | None:
     config = getattr(model.model, "config", None)
     if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
         return None
-    if getattr(model.configs.get(spec.adapter), "routing_strategy", None) == "mixlora-switch":
+    cfg = model.configs.get(spec.adapter)
+    if isinstance(cfg, MixLoraConfig) and cfg.routing_strategy == "mixlora-switch":
         return None
     return min((n for n in (max_length, _sliding_window(model)) if n is not None), default=NO_LIMIT)
 
@@ -392,7 +394,7 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="evaluate", unit="batch", dynamic_ncols=True)
 
 
-def evaluate_adapters(model, tokenizer, adapters: Sequence, protocol: str | None = None, limit: int | None = None,
+def evaluate_adapters(model, tokenizer, adapters: Sequence[LoraConfig], protocol: str | None = None, limit: int | None = None,
                       *, simultaneous: int = 1, include_base: bool = False, **options) -> EvalResults:
     """Score loaded adapters on each of their benchmark tasks (casual tasks are skipped).
 

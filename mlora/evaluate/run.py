@@ -11,6 +11,7 @@ import difflib
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlora.config import LoraConfig, RunConfig
 from mlora.data import BENCHMARK_TASKS
 from mlora.evaluate.batched import BASE, Shard, adapter_spec, base_spec, evaluate
 from mlora.evaluate.protocols import EvaluationError
@@ -19,11 +20,11 @@ from mlora.evaluate.results import RESULTS_STEM, EvalResults, format_table, save
 from mlora.run_folder import RunFolder, open_run_folder
 
 
-def _has_benchmark(cfg) -> bool:
+def _has_benchmark(cfg: LoraConfig) -> bool:
     return any(task in BENCHMARK_TASKS for task in cfg.tasks)
 
 
-def plan_evaluation(run_config, output_dir, adapters: Sequence[str] | None = None,
+def plan_evaluation(run_config: RunConfig, output_dir, adapters: Sequence[str] | None = None,
                     require_tasks: bool = True) -> tuple[list, list | None]:
     """Which saved adapters of a run to score, checked before any model is loaded.
 
@@ -67,7 +68,7 @@ def plan_evaluation(run_config, output_dir, adapters: Sequence[str] | None = Non
     return chosen, (with_tasks if BASE in names else None)
 
 
-def evaluate_run(model, tokenizer, run_config, output_dir, base_model_name: str | None = None, *,
+def evaluate_run(model, tokenizer, run_config: RunConfig, output_dir, base_model_name: str | None = None, *,
                  adapters: Sequence[str] | None = None, protocol: str | None = None, limit: int | None = None,
                  require_tasks: bool = True, stem: str | None = None, progress: bool = True,
                  echo=print, folder: RunFolder | None = None, shard: Shard | None = None,
@@ -151,7 +152,7 @@ def results_stem(adapter: str | None = None, protocol: str | None = None, limit:
     return "_".join([RESULTS_STEM] + [part for part in parts if part])
 
 
-def evaluate_saved(base_model: str, run_config, output_dir, *, adapters: Sequence[str] | None = None,
+def evaluate_saved(base_model: str, run_config: RunConfig, output_dir, *, adapters: Sequence[str] | None = None,
                    protocol: str | None = None, limit: int | None = None, dtype: str | None = None,
                    quantize: str | None = None, device: str | None = None, stem: str | None = None,
                    progress: bool = True, echo=print, folder: RunFolder | None = None,
@@ -173,7 +174,7 @@ def evaluate_saved(base_model: str, run_config, output_dir, *, adapters: Sequenc
                         folder=folder, charts=charts)
 
 
-def evaluate_trained(summary, run_config, base_model_name: str | None, echo=print,
+def evaluate_trained(summary, run_config: RunConfig, base_model_name: str | None, echo=print,
                      folder: RunFolder | None = None, shard: Shard | None = None,
                      charts: bool = False) -> EvalResults | None:
     """`launch.py run`, after training: score every adapter that finished (now or in an

@@ -121,8 +121,8 @@ class RowState:
     finished: bool = False
 
 
-def generate(model: MultiAdapterModel, prompts, adapters, settings: GenerationSettings | None = None,
-             **kwargs) -> list[RowState]:
+def generate(model: MultiAdapterModel, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
+             settings: GenerationSettings | None = None, **kwargs) -> list[RowState]:
     """`generate_rows` run to the end: the final state of every row."""
     rows = []
     for rows in generate_rows(model, prompts, adapters, settings, **kwargs):
@@ -194,7 +194,7 @@ def generate_rows(model: MultiAdapterModel, prompts: Sequence[Sequence[int]], ad
         positions = positions[:, -1:] + 1
 
 
-def _check_rows(model, prompts, adapters) -> None:
+def _check_rows(model: MultiAdapterModel, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> None:
     if model.training:
         raise GenerationError("the model is in training mode (dropout and router jitter on): call model.eval() first")
     if len(prompts) != len(adapters) or not adapters:

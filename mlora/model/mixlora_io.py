@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mlora.errors import AdapterFileError
+
+if TYPE_CHECKING:
+    from mlora.config import MixLoraConfig
 
 PREFIX = "mixlora."
 # m-LoRA 0.3.x called the Llama FFN projections w1 (gate), w2 (down), w3 (up).
@@ -103,7 +107,7 @@ def _number(value: float):
     return int(value) if float(value).is_integer() else value
 
 
-def mixlora_config_json(cfg, base_model_name_or_path: str | None, default_act_fn: str) -> dict:
+def mixlora_config_json(cfg: MixLoraConfig, base_model_name_or_path: str | None, default_act_fn: str) -> dict:
     """``adapter_config.json`` contents for MixLoRA adapter `cfg` (readable by the mixlora package)."""
     data = {
         "peft_type": "MIXLORA", "task_type": "CAUSAL_LM", "bias": "none",

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from mlora.data import IGNORE_INDEX, TokenizedExample, build_training_examples, pad_rows, tokenize_examples
+from mlora.config import LoraConfig
+from mlora.data import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    TrainingExample,
+    build_training_examples,
+    pad_rows,
+    tokenize_examples,
+)
 from mlora.errors import MloraError
 from mlora.model.context import BatchLayout
 
@@ -39,7 +47,7 @@ class Prepared:
     num_dropped: int
 
 
-def read_examples(cfg, seed: int = 0) -> list:
+def read_examples(cfg: LoraConfig, seed: int = 0) -> list[TrainingExample]:
     """The adapter's `TrainingExample`s (text); raises `TrainError` when there are none."""
     examples = build_training_examples(cfg.task_name, cfg.data, cfg.protocol, cfg.prompt, seed=seed)
     if not examples:
@@ -49,7 +57,7 @@ def read_examples(cfg, seed: int = 0) -> list:
     return examples
 
 
-def tokenize(cfg, raw: list, tokenizer, cutoff_len: int) -> Prepared:
+def tokenize(cfg: LoraConfig, raw: list[TrainingExample], tokenizer, cutoff_len: int) -> Prepared:
     """Tokenize an adapter's examples with the run's ``cutoff_len``; raises `TrainError` if none survive."""
     out = tokenize_examples(tokenizer, raw, cutoff_len, train_on_inputs=cfg.train_on_inputs)
     if not out.examples:

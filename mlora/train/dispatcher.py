@@ -20,6 +20,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mlora.config import LoraConfig
+
+if TYPE_CHECKING:
+    from mlora.train.data import Prepared
 
 # Beyond this many candidate subsets, `optim` picks greedily by length instead of exhaustively.
 _MAX_SUBSETS = 5000
@@ -125,7 +131,7 @@ def _least_padding(anchor: Candidate, others: list[Candidate], k: int) -> list[C
     return sorted(others, key=lambda c: abs(c.max_len - anchor.max_len))[:k]
 
 
-def adapter_cost(cfg, prepared) -> float:
+def adapter_cost(cfg: LoraConfig, prepared: Prepared) -> float:
     """The estimated training work of one adapter: tokens over all its epochs x its method's
     step cost per token (`METHOD_COST`). Balances adapters across processes (``parallelism:
     adapter``); a relative figure, not seconds."""

@@ -22,6 +22,8 @@ import math
 import torch
 from torch import nn
 
+from mlora.config import LoraConfig
+
 
 def parameter_groups(params: dict[str, nn.Parameter], lr: float, loraplus_lr_ratio: float) -> list[dict]:
     """Split an adapter's parameters into optimizer groups.
@@ -43,7 +45,7 @@ def parameter_groups(params: dict[str, nn.Parameter], lr: float, loraplus_lr_rat
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg, params: dict[str, nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: LoraConfig, params: dict[str, nn.Parameter]) -> torch.optim.Optimizer:
     """The optimizer an adapter config asks for, over that adapter's parameters."""
     groups = parameter_groups(params, cfg.lr, cfg.loraplus_lr_ratio)
     if cfg.optim == "adamw":
@@ -53,14 +55,14 @@ def build_optimizer(cfg, params: dict[str, nn.Parameter]) -> torch.optim.Optimiz
     raise ValueError(f"optim must be 'adamw' or 'sgd', got {cfg.optim!r}")
 
 
-def warmup_steps(cfg, total_steps: int) -> int:
+def warmup_steps(cfg: LoraConfig, total_steps: int) -> int:
     """``warmup_steps``, or ``ceil(warmup_ratio * total_steps)`` when a ratio is given."""
     if cfg.warmup_ratio:
         return math.ceil(cfg.warmup_ratio * total_steps)
     return cfg.warmup_steps
 
 
-def build_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int):
+def build_scheduler(cfg: LoraConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     """The learning-rate schedule of an adapter over its ``total_steps`` optimizer steps."""
     from transformers import get_scheduler
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from mlora.config import LoraConfig, RunConfig
 from mlora.io import save_adapter
 from mlora.train import checkpoint as ckpt
 from mlora.train import distributed as dist_
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from mlora.evaluate.batched import Shard
     from mlora.run_folder import RunFolder
     from mlora.train.distributed import World
+    from mlora.train.setup import TrainOptions
     from mlora.train.state import AdapterRun
 
 logger = logging.getLogger("mlora.train")
@@ -155,7 +157,7 @@ class Parallel:
         """Whether this rank writes files and draws progress (rank 0, or the only process)."""
         return self.world is None or self.world.leader
 
-    def dispatcher(self, resume: ckpt.Resume, todo: list) -> Dispatcher:
+    def dispatcher(self, resume: ckpt.Resume, todo: list[LoraConfig]) -> Dispatcher:
         """This rank's queue: a fresh one, or the checkpoint's (adapters added to the config since join its end)."""
         if resume.dispatcher is None:
             return Dispatcher([a.name for a in todo])
@@ -327,7 +329,7 @@ class AdapterParallel(Parallel):
         self.remote_logs: dict[str, MetricsLog] = {}  # rank 0: the logs of other ranks' adapters
 
     @classmethod
-    def plan(cls, world: World, resume: ckpt.Resume, todo: list, prepared: dict) -> AdapterParallel:
+    def plan(cls, world: World, resume: ckpt.Resume, todo: list[LoraConfig], prepared: dict) -> AdapterParallel:
         """Deal `todo` to the ranks by cost, or keep the checkpoint's deal (new adapters dealt after)."""
         owner = dict((resume.distributed or {}).get("owner", {}))
         new = {a.name: adapter_cost(a, prepared[a.name]) for a in todo if a.name not in owner}
@@ -344,7 +346,7 @@ class AdapterParallel(Parallel):
         logger.info("rank %d trains %s", world.rank, ", ".join(mine) or "nothing")
         return cls(world, owner)
 
-    def dispatcher(self, resume, todo):
+    def dispatcher(self, resume: ckpt.Resume, todo: list[LoraConfig]) -> Dispatcher:
         names = [a.name for a in todo if self.owner[a.name] == self.world.rank]
         states = (resume.distributed or {}).get("dispatchers")
         if states is None:
@@ -441,7 +443,7 @@ class AdapterParallel(Parallel):
         return {n: gathered[self.owner.get(n, 0)][n] for n in summaries}
 
 
-def check_options(config, options, world: World | None) -> None:
+def check_options(config: RunConfig, options: TrainOptions, world: World | None) -> None:
     """Refuse flag and key combinations that cannot be spread (before anything loads)."""
     if options.fsdp and (world is None or config.parallelism != "data"):
         where = "start the run with torchrun --nproc_per_node N" if world is None else "set parallelism 'data'"
@@ -454,7 +456,7 @@ def check_options(config, options, world: World | None) -> None:
                          "weights outside any forward, which a sharded base does not hold; train them without --fsdp")
 
 
-def make_parallel(config, world: World | None, fsdp: bool, resume: ckpt.Resume, todo: list,
+def make_parallel(config: RunConfig, world: World | None, fsdp: bool, resume: ckpt.Resume, todo: list[LoraConfig],
                   prepared: dict) -> Parallel:
     """The `Parallel` of a run: one process, or the config's ``parallelism`` over `world`."""
     if world is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mlora.config import LoraConfig
 from mlora.model.adapted import MultiAdapterModel
 from mlora.model.loading import default_device, default_dtype
 from mlora.train.data import Prepared, TrainError, adapter_seed
@@ -75,7 +76,7 @@ def resolve_device_dtype(options: TrainOptions) -> tuple[torch.device, torch.dty
     return device, default_dtype(options.dtype, device)
 
 
-def check_adapters(model: MultiAdapterModel, cfgs: list, seed: int) -> None:
+def check_adapters(model: MultiAdapterModel, cfgs: list[LoraConfig], seed: int) -> None:
     """Add and remove every adapter once, so a missing target module fails before training."""
     for cfg in cfgs:
         try:
@@ -85,7 +86,7 @@ def check_adapters(model: MultiAdapterModel, cfgs: list, seed: int) -> None:
         model.remove_adapter(cfg.name)
 
 
-def check_eval_data(cfgs: list) -> None:
+def check_eval_data(cfgs: list[LoraConfig]) -> None:
     """Read one item of every evaluation split the run will score (at the end, and during
     training with ``evaluate_steps``), so a missing split fails before the first step rather
     than after the adapters have trained."""

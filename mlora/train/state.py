@@ -57,7 +57,7 @@ class AdapterRun:
         return self.cfg.name
 
     @classmethod
-    def create(cls, cfg, seed: int, prepared: Prepared, params: dict[str, nn.Parameter],
+    def create(cls, cfg: LoraConfig, seed: int, prepared: Prepared, params: dict[str, nn.Parameter],
                fp16: bool, metrics: MetricsLog) -> AdapterRun:
         """A fresh run for an adapter already added to the model (its `params`)."""
         data = AdapterData(prepared.examples, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
