@@ -3,9 +3,8 @@
 glibc's malloc hands every allocation above its mmap threshold (at most 32 MB by default)
 straight to the kernel and returns it on free, and trims the heap's top when much of it is
 free. A training step allocates and frees the same large activations every step, so each
-step paid the kernel's page faults again to zero fresh pages: on a 2-core Xeon an
-elementwise op on a fresh 131 MB tensor ran 3.3x slower than on reused memory, and the
-medium benchmark step of LoRA 1.27x slower. `tune_cpu_allocator` raises both thresholds so
+step paid the kernel's page faults again to zero fresh pages (measured in
+docs/benchmarks.md, "The allocator"). `tune_cpu_allocator` raises both thresholds so
 freed memory stays in the process and is reused. Peak memory is unchanged in kind (the
 same tensors are alive at the peak); memory freed after the peak is not given back to the
 system until the process ends.
