@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence, get_args, get_origin, get_type_hints
 
 from mlora.config import (
+    DTYPE_NAMES,
     ConfigError,
     LoraConfig,
     MixLoraConfig,
     RunConfig,
     load_config,
+    split_list,
     to_dict,
 )
 from mlora.errors import MloraError
@@ -76,10 +78,6 @@ def _list_of(typ, choices: Sequence[str] | None = None):
 
     parse.__name__ = getattr(typ, "__name__", "value")  # argparse names the type in its messages
     return parse
-
-
-def _split(text: Optional[str]) -> list[str]:
-    return [] if text is None else [part.strip() for part in text.split(";")]
 
 
 def _print_config_error(err: ConfigError, what: str = "in the config") -> None:
@@ -163,8 +161,10 @@ def cmd_gen(args: argparse.Namespace) -> int:
     first = args.first_seed or 0
     seeds = None if args.seeds is None else list(range(first, first + args.seeds))
     run_overrides = {key: getattr(args, key) for _, key, _ in _RUN_OVERRIDES if getattr(args, key) is not None}
+    tasks = [] if args.tasks is None else split_list(args.tasks)
+    data_paths = None if args.data_path is None else split_list(args.data_path)
     try:
-        cfg = generate_config(args.template, _split(args.tasks), data_paths=_split(args.data_path) or None,
+        cfg = generate_config(args.template, tasks, data_paths=data_paths,
                               multi_task=args.multi_task, adapter_name=args.adapter_name,
                               adapter_overrides=adapter_overrides, run_overrides=run_overrides, base=base,
                               grid=grid, seeds=seeds, source=str(out))
@@ -405,7 +405,7 @@ def _help_of(key: str) -> str:
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags shared by `launch.py run` and `train.py`."""
     p.add_argument("--base_model", help="Base model: hub id, local model folder, or .gguf file (required).")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="Compute dtype of the frozen base model "
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="Compute dtype of the frozen base model "
                    "(default: bf16 on a CUDA GPU that supports it, else fp32).")  # fmt: skip
     p.add_argument("--quantize", choices=["4bit", "8bit"], help="Load the base model quantized with bitsandbytes.")
     p.add_argument("--device", help="Device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu).")
@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--base_model", help="Use this model instead of SmolLM2-135M-Instruct (hub id, folder or .gguf).")
     quick.add_argument("--output_dir", default="./output/quickstart",
                        help="Where data, config, adapters, logs and results go (default: ./output/quickstart).")  # fmt: skip
-    quick.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="Compute dtype of the base model "
+    quick.add_argument("--dtype", choices=DTYPE_NAMES, help="Compute dtype of the base model "
                        "(default: bf16 on a CUDA GPU that supports it, else fp32).")  # fmt: skip
     quick.add_argument("--device", help="Device, e.g. cpu, cuda (default: cuda when available, else cpu).")
     quick.add_argument("--seed", type=int, default=42, help="Random seed (default: 42).")
@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, metavar="N", help="Score only the first N items of each task.")
     ev.add_argument("--output_dir", default="./output", help="Where the adapters were saved (output_dir/<name>/) "
                     "and where the results go (default: ./output).")  # fmt: skip
-    ev.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="Compute dtype of the base model "
+    ev.add_argument("--dtype", choices=DTYPE_NAMES, help="Compute dtype of the base model "
                     "(default: bf16 on a CUDA GPU that supports it, else fp32).")  # fmt: skip
     ev.add_argument("--quantize", choices=["4bit", "8bit"], help="Load the base model quantized with bitsandbytes.")
     ev.add_argument("--device", help="Device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu).")
@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="Saved adapter folder (output_dir/<name>).")
     merge.add_argument("--output_dir", required=True, help="Where the merged transformers model is written.")
     merge.add_argument("--base_model", help="Base model (default: the one named in the adapter config).")
-    merge.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    merge.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                        help="dtype of the merged weights (default: fp32).")  # fmt: skip
     merge.add_argument("--overwrite", action="store_true",
                        help="Write into a non-empty --output_dir (never allowed: the base model's own folder).")

@@ -29,17 +29,33 @@ from mlora.errors import MloraError
 __all__ = [
     "ConfigError", "LoraConfig", "ExpertLoraConfig", "ExpertSettings", "MixLoraConfig", "RunConfig",
     "load_config", "config_from_dict", "adapter_from_dict", "to_dict",
-    "DEFAULT_TARGET_MODULES", "ROUTING_STRATEGIES", "CASUAL_TASK",
+    "DEFAULT_TARGET_MODULES", "ROUTING_STRATEGIES", "CASUAL_TASK", "PROTOCOLS", "DTYPE_NAMES",
+    "split_list",
 ]  # fmt: skip
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROUTING_STRATEGIES = ("mixlora", "mixlora-switch", "mixlora-dynamic")
 CASUAL_TASK = "casual"  # m-LoRA's spelling for "instruction data, no benchmark"
+Protocol = Literal["choice", "loglikelihood"]  # how benchmark items are trained and scored (mlora.data.items)
+PROTOCOLS = get_args(Protocol)
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # the base dtypes the commands take (--dtype)
 
 # Older m-LoRA configs name the strategies after the models they imitate, and spell the
 # instruction task "causal" or leave it empty; such configs must keep loading unchanged.
 _ROUTING_ALIASES = {"mixtral": "mixlora", "switch": "mixlora-switch", "dynamic": "mixlora-dynamic"}
 _TASK_ALIASES = {"": CASUAL_TASK, "causal": CASUAL_TASK}
+
+
+def split_list(text: str) -> list[str]:
+    """The entries of a ';'-joined list (`task_name`, `data`, gen's `--tasks`), stripped:
+    "arc-c; boolq" -> ["arc-c", "boolq"]. An empty entry stays (as "")."""
+    return [part.strip() for part in text.split(";")]
+
+
+def _sources(data: str | None, count: int) -> list[str | None]:
+    """The data source of each task: None (the benchmark's default) where `data` is absent or
+    its entry is empty."""
+    return [None] * count if data is None else [entry or None for entry in split_list(data)]
 
 # Keys of transformers' ACT2FN table (kept here so validation does not import transformers).
 _ACTIVATIONS = (
@@ -139,7 +155,7 @@ class LoraConfig:
     lora_init: _Init = _f("original", "Init of A: kaiming-uniform ('original') or N(0, 1/r) ('gaussian').")
     loraplus_lr_ratio: float = _f(1.0, "LoRA+: B matrices and vectors train at lr * ratio.", gt=0)
     evaluate_steps: int = _f(0, "Score on the eval split every N optimizer steps; 0 = only at the end.", ge=0)
-    protocol: Literal["choice", "loglikelihood"] = _f(
+    protocol: Protocol = _f(
         "choice", "Training target and default evaluation protocol for benchmark tasks."
     )
     train_on_inputs: bool = _f(False, "Also compute the loss on prompt tokens.")
@@ -173,16 +189,13 @@ class LoraConfig:
     @property
     def tasks(self) -> list[str]:
         """The task names of this adapter (``task_name`` split on ';')."""
-        return [t.strip() for t in self.task_name.split(";")]
+        return split_list(self.task_name)
 
     @property
     def task_sources(self) -> list[tuple[str, Optional[str]]]:
         """(task, data source or None for the benchmark's default) for each task, in order."""
         tasks = self.tasks
-        if self.data is None:
-            return [(t, None) for t in tasks]
-        sources = [s.strip() or None for s in self.data.split(";")]
-        return list(zip(tasks, sources))
+        return list(zip(tasks, _sources(self.data, len(tasks))))
 
     def _problems(self, skip: set[str]) -> list[str]:
         """Cross-field problems; rules reading a key in ``skip`` (already reported) are not run."""
@@ -466,7 +479,7 @@ def _normalise_lora(cfg: LoraConfig, problems: list[str], bad: set[str]) -> None
         else:
             cfg.target_modules = [k for k, v in tm.items() if v]
     if isinstance(cfg.task_name, str):
-        cfg.task_name = ";".join(_TASK_ALIASES.get(t.strip(), t.strip()) for t in cfg.task_name.split(";"))
+        cfg.task_name = ";".join(_TASK_ALIASES.get(t, t) for t in split_list(cfg.task_name))
     if isinstance(cfg, MixLoraConfig) and isinstance(cfg.expert_lora, dict):
         try:
             cfg.expert_lora = _expert_from_dict(cfg.expert_lora, "expert_lora")
@@ -483,12 +496,12 @@ def _task_problems(task_name: str, data: Optional[str]) -> list[str]:
     from mlora.data import BENCHMARK_TASKS  # a tuple in a torch-free module: cheap to import here
 
     out = []
-    tasks = [t.strip() for t in task_name.split(";")]
+    tasks = split_list(task_name)
     valid = (*BENCHMARK_TASKS, CASUAL_TASK)
     for t in tasks:
         if t not in valid:
             out.append(f"task_name: unknown task {t!r}{_suggest(t, valid)} (valid: {', '.join(valid)})")
-    sources = [None] * len(tasks) if data is None else [s.strip() or None for s in data.split(";")]
+    sources = _sources(data, len(tasks))
     if len(sources) != len(tasks):
         return out + [f"data: gives {len(sources)} source(s) for {len(tasks)} task(s); give one per task joined by "
                       "';' (an empty entry uses that benchmark's default source)"]  # fmt: skip
@@ -523,8 +536,8 @@ def _list_problems(entries: list[tuple[int, Any, Any, Any]]) -> list[str]:
                 out.append(f"lora[{i}].name: {name!r} is already used by lora[{seen[key]}]; names must be unique")
             seen.setdefault(key, i)
         if isinstance(task_name, str) and isinstance(data, (str, type(None))):
-            tasks = [_TASK_ALIASES.get(t.strip(), t.strip()) for t in task_name.split(";")]
-            sources = [None] * len(tasks) if data is None else [x.strip() or None for x in data.split(";")]
+            tasks = [_TASK_ALIASES.get(t, t) for t in split_list(task_name)]
+            sources = _sources(data, len(tasks))
             if len(tasks) == len(sources) and any(t == CASUAL_TASK and x is None for t, x in zip(tasks, sources)):
                 out.append(f"lora[{i}].data: task 'casual' (instruction data) needs a data source: a hub id or local file")
     return out

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlora.config import DTYPE_NAMES
+
 EXIT_BAD_INPUT = 2
 
 
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy and deterministic (default)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="base dtype (default fp32)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="base dtype (default fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     return p
 

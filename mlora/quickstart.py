@@ -28,9 +28,10 @@ TRAINING = {"r": 8, "lora_alpha": 16, "lr": 1e-3, "batch_size": 8, "micro_batch_
 def quickstart_config(data: dict[str, Path]):
     """The run config: a LoRA and a MixLoRA adapter from the templates, both on the sample tasks
     (what ``launch.py gen`` would write with the `TRAINING` overrides)."""
+    from mlora.config import split_list
     from mlora.gen import generate_config
 
-    tasks = QUICKSTART_TASKS.split(";")
+    tasks = split_list(QUICKSTART_TASKS)
     common = dict(data_paths=[str(data[t]) for t in tasks], multi_task=True, adapter_overrides=TRAINING,
                   run_overrides={"cutoff_len": 256})
     cfg = generate_config("lora", tasks, adapter_name="lora", **common)

@@ -21,10 +21,8 @@ from __future__ import annotations
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-PROTOCOLS = ("choice", "loglikelihood")
-Protocol = Literal["choice", "loglikelihood"]
+from mlora.config import PROTOCOLS, Protocol  # defined with the config key that takes them
 
 LETTERS = tuple(string.ascii_uppercase)
 ANSWER_CUE = "Answer:"

@@ -7,7 +7,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlora.config import CASUAL_TASK
+from mlora.config import CASUAL_TASK, split_list
 from mlora.data.casual import instruction_examples, load_template
 from mlora.data.errors import DataError
 from mlora.data.items import PROTOCOLS, MultipleChoiceItem, Protocol, TrainingExample
@@ -70,7 +70,7 @@ def task_sources(names: Sequence[str], data: DataSpec | Sequence[DataSpec]) -> l
     elif len(names) == 1:
         return [(names[0], data)]
     elif ";" in os.fspath(data):
-        sources = [part.strip() or None for part in os.fspath(data).split(";")]
+        sources = [entry or None for entry in split_list(os.fspath(data))]
     else:
         folder = Path(os.fspath(data)).expanduser()
         if not folder.is_dir():

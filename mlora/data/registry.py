@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 
-from mlora.config import CASUAL_TASK
+from mlora.config import CASUAL_TASK, split_list
 from mlora.data import arc, boolq, hellaswag, obqa, piqa, siqa, winogrande
 from mlora.data.errors import DataError
 from mlora.data.task import Task
@@ -50,7 +50,7 @@ def task_names(task_name: str) -> tuple[str, ...]:
     Each entry must be a benchmark or "casual"; an entry may repeat (the config allows the
     same task twice with different data). Raises `DataError` naming the bad entry.
     """
-    names = tuple(part.strip() for part in task_name.split(";"))
+    names = tuple(split_list(task_name))
     if any(not name for name in names):
         raise DataError(f"task_name {task_name!r} has an empty entry; write tasks as 'a;b;c'.")
     for name in names:

@@ -6,13 +6,13 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from mlora.evaluate.protocols import argmax, continuation_length
 from mlora.evaluate.replicas import Configuration, best_per_method, summarise
+from mlora.run_folder import atomic_write_text
 
 RESULTS_STEM = "eval_results"
 FORMAT_VERSION = 1
@@ -270,13 +270,6 @@ def format_grouped_table(results: EvalResults) -> str:
 _CSV_FIELDS = ("adapter", "task", "protocol", "split", "items", "correct", "acc", "acc_norm", "truncated")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Write-then-rename: an interrupted run never leaves half a results file.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_results(results: EvalResults, folder, stem: str = RESULTS_STEM) -> tuple[Path, Path]:
     """Write ``<stem>.json`` (`EvalResults.to_dict`) and ``<stem>.csv`` into `folder`.
 
@@ -286,7 +279,7 @@ def save_results(results: EvalResults, folder, stem: str = RESULTS_STEM) -> tupl
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = folder / f"{stem}.json", folder / f"{stem}.csv"
-    _write_atomic(json_path, json.dumps(results.to_dict(), indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(results.to_dict(), indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -296,5 +289,5 @@ def save_results(results: EvalResults, folder, stem: str = RESULTS_STEM) -> tupl
         writer.writerow({"adapter": avg["adapter"], "task": "average", "protocol": avg["protocol"],
                          "items": avg["items"], "acc": avg["acc"],
                          "acc_norm": "" if avg["acc_norm"] is None else avg["acc_norm"]})  # fmt: skip
-    _write_atomic(csv_path, buffer.getvalue())
+    atomic_write_text(csv_path, buffer.getvalue())
     return json_path, csv_path

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from mlora.config import DTYPE_NAMES
 from mlora.errors import MloraError, one_line
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 class ModelLoadError(MloraError, RuntimeError):

@@ -183,6 +183,13 @@ def adapter_seed(run_seed: int, name: str) -> int:
     return mix_seed(run_seed, name)
 
 
+def seed_of(cfg: LoraConfig, run_seed: int) -> int:
+    """The seed of an adapter's initial weights, dropout streams and data order: its own ``seed``
+    key when set (so replicas given one seed train alike whatever their names), else derived
+    from the run seed and its name (`adapter_seed`), as configs without the key always had."""
+    return adapter_seed(run_seed, cfg.name) if cfg.seed is None else cfg.seed
+
+
 def step_seed(run_seed: int, global_step: int) -> int:
     """The seed of the global RNG for one training step (dropout): reproducible on resume."""
     return mix_seed(run_seed, "step", global_step)

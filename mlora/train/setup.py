@@ -17,7 +17,7 @@ import torch
 from mlora.config import LoraConfig
 from mlora.model.adapted import MultiAdapterModel
 from mlora.model.loading import default_device, default_dtype
-from mlora.train.data import Prepared, TrainError, adapter_seed
+from mlora.train.data import Prepared, TrainError, seed_of
 from mlora.train.distributed import DEFAULT_TIMEOUT_S
 
 logger = logging.getLogger("mlora.train")
@@ -80,7 +80,7 @@ def check_adapters(model: MultiAdapterModel, cfgs: list[LoraConfig], seed: int) 
     """Add and remove every adapter once, so a missing target module fails before training."""
     for cfg in cfgs:
         try:
-            model.add_adapter(cfg, seed=adapter_seed(seed, cfg.name))
+            model.add_adapter(cfg, seed=seed_of(cfg, seed))
         except NotImplementedError as err:
             raise TrainError(f"adapter {cfg.name!r}: {err}") from None
         model.remove_adapter(cfg.name)

@@ -51,11 +51,11 @@ from mlora.train.data import (
     AdapterData,
     Position,
     Prepared,
-    adapter_seed,
     collate_mixed,
     micro_batches_per_epoch,
     mix_seed,
     read_examples,
+    seed_of,
     step_seed,
     tokenize,
 )
@@ -313,13 +313,6 @@ def _zero_term(logits: torch.Tensor) -> torch.Tensor:
     # Zero times the finite logits: a backward through every layer that adds exactly 0 to each
     # gradient (a non-finite logit would turn 0 * x into NaN).
     return torch.where(torch.isfinite(logits), logits, 0).sum() * 0.0
-
-
-def seed_of(cfg: LoraConfig, run_seed: int) -> int:
-    """The seed of an adapter's initial weights, dropout streams and data order: its own ``seed``
-    key when set (so replicas given one seed train alike whatever their names), else derived
-    from the run seed and its name (`adapter_seed`), as configs without the key always had."""
-    return adapter_seed(run_seed, cfg.name) if cfg.seed is None else cfg.seed
 
 
 def adapter_generator(ar: AdapterRun, pos: Position, device: torch.device) -> torch.Generator:

@@ -17,6 +17,7 @@ import errno
 import socket
 import sys
 
+from mlora.config import DTYPE_NAMES
 from mlora.web.workspace import WebUIError
 
 EXIT_BAD_INPUT = 2
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="base dtype (default fp32)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="base dtype (default fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     return p
 
