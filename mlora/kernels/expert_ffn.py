@@ -8,9 +8,9 @@ outputs ``g, u (N, I)`` computed once for all experts, it returns
 
 (the frozen down is applied to `mixed` by the caller, once). Autograd through the plain
 expression would keep about eight ``(M, I)`` tensors per layer alive until backward. This
-function keeps two, the pairs' adapted gate and up outputs, plus their dropped-out rows of x
-``(M, H)`` (one copy per projection: gate, up and down each draw their own dropout mask), the
-rank-r factors and one-byte masks, and recomputes the activation and the product in backward:
+function keeps two, the pairs' adapted gate and up outputs, plus their rows of x ``(M, H)``,
+the rank-r factors and one-byte dropout masks (gate, up and down each draw their own), and
+recomputes the masked inputs, the activation and the product in backward:
 MixLoRA's peak memory stays near 1.1x LoRA's, and backward makes few passes over the wide
 per-pair tensors, which is what its time is made of on a CPU. The wide elementwise work of
 each direction is one pure function (`_forward_wide`, `_backward_wide`); on CPU, for SiLU
@@ -137,35 +137,23 @@ def _act_backward(act_fn, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _in_rows(x: torch.Tensor, token: torch.Tensor, drops: list, acc) -> list[torch.Tensor]:
-    """The pairs' rows of x as the gate/up LoRA inputs see them: ``[(M, H)]``, one per input.
-
-    `drops[i]`: input i's dropped positions (None: no dropout). Without masks both inputs share
-    one copy; with them each gets its own masked copy, the last one made in place.
-    """
-    xr = _rows(x, token, acc)
-    rows = []
-    for i, drop in enumerate(drops):
-        if drop is None:
-            rows.append(xr)
-        elif i == len(drops) - 1 and all(r is not xr for r in rows):
-            rows.append(xr.masked_fill_(drop, 0.0))
-        else:
-            rows.append(xr.masked_fill(drop, 0.0))
-    return rows
+def _masked(xr: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    """``xr (M, H)`` as one projection's LoRA input sees it: a copy with its dropped positions
+    zeroed, or `xr` itself without a mask."""
+    return xr if drop is None else xr.masked_fill(drop, 0.0)
 
 
-def _in_factors(rows: list, inputs: list, drops: list, counts: list[int]) -> list[torch.Tensor]:
+def _in_factors(xr: torch.Tensor, inputs: list, drops: list, counts: list[int]) -> list[torch.Tensor]:
     """The rank-r factors of the gate/up LoRA, ``[(M, r_p)]`` in the order of `inputs`.
 
-    Without dropout masks, both projections share one GEMM per expert over their common rows;
-    with them, each shrinks its own masked rows (`_in_rows`). Each factor is scaled by 1 / its
-    keep probability (on the narrow result, not the wide input).
+    ``xr (M, H)`` holds the pairs' rows of x. Without dropout masks, both projections share one
+    GEMM per expert over it; with them, each shrinks its own masked copy, dropped right after.
+    Each factor is scaled by 1 / its keep probability (on the narrow result, not the wide input).
     """
     if all(drop is None for drop in drops):
         A_in = torch.cat([p.A for p in inputs], dim=1) if len(inputs) > 1 else inputs[0].A
-        return _split(_shrink(rows[0], A_in, counts, 1.0), inputs)
-    return [_shrink(xm, proj.A, counts, _keep(drop, proj.dropout)) for xm, proj, drop in zip(rows, inputs, drops)]
+        return _split(_shrink(xr, A_in, counts, 1.0), inputs)
+    return [_shrink(_masked(xr, drop), proj.A, counts, _keep(drop, proj.dropout)) for proj, drop in zip(inputs, drops)]
 
 
 def _split(z_in: torch.Tensor, inputs: list) -> list[torch.Tensor]:
@@ -177,19 +165,21 @@ def _split(z_in: torch.Tensor, inputs: list) -> list[torch.Tensor]:
     return out
 
 
-def _in_backward(rows: list, inputs: list, drops: list, d_zs: list, counts: list[int]):
+def _in_backward(xr: torch.Tensor, inputs: list, drops: list, d_zs: list, counts: list[int]):
     """Backward of `_in_factors`: ``([grad A_p (E, r_p, H)], grad of the pairs' rows of x (M, H))``.
 
-    `d_zs[i]` is the gradient of input i's factor, the keep rescale already applied.
+    `d_zs[i]` is the gradient of input i's factor, the keep rescale already applied. Masked
+    inputs are made again from `xr`, one at a time (keeping one unmasked copy for backward
+    instead of one masked copy per projection).
     """
     if all(drop is None for drop in drops):
         d_z = torch.cat(d_zs, dim=1) if len(d_zs) > 1 else d_zs[0]
         A_in = torch.cat([p.A for p in inputs], dim=1) if len(inputs) > 1 else inputs[0].A
-        grad_A_in = _outer(d_z, rows[0], counts, A_in)                 # (E, r_g + r_u, H)
+        grad_A_in = _outer(d_z, xr, counts, A_in)                      # (E, r_g + r_u, H)
         return _split_experts(grad_A_in, inputs), _times(d_z, A_in, counts, False)
     grad_As, grad_xr = [], None
-    for xm, proj, drop, d_z in zip(rows, inputs, drops, d_zs):
-        grad_As.append(_outer(d_z, xm, counts, proj.A))
+    for proj, drop, d_z in zip(inputs, drops, d_zs):
+        grad_As.append(_outer(d_z, _masked(xr, drop), counts, proj.A))
         part = _times(d_z, proj.A, counts, False)                       # (M, H)
         if drop is not None:
             part.masked_fill_(drop, 0.0)
@@ -244,8 +234,8 @@ def _wide(fn, act_fn, *args):
 
 
 class _ExpertFFN(torch.autograd.Function):
-    """Saves the pairs' adapted gate/up outputs, their (dropped-out) rows of x, the one-byte
-    dropout masks and the rank-r factors; recomputes the activation and the product in backward."""
+    """Saves the pairs' adapted gate/up outputs, their rows of x, the one-byte dropout masks and
+    the rank-r factors; recomputes the masked inputs, the activation and the product in backward."""
 
     @staticmethod
     def forward(ctx, x, g, u, weight, token, counts, act_fn, projections, drops, *params):
@@ -253,10 +243,9 @@ class _ExpertFFN(torch.autograd.Function):
         drop_g, drop_u, drop_a = drops
         acc = _acc(x)
         inputs = [(p, d) for p, d in ((gate, drop_g), (up, drop_u)) if p is not None]
-        rows = _in_rows(x, token, [d for _, d in inputs], acc) if inputs else []   # [(M, H)], kept for backward
-        zs = _in_factors(rows, [p for p, _ in inputs], [d for _, d in inputs], counts) if inputs else []
+        xr = _rows(x, token, acc) if inputs else None               # (M, H), kept for backward
+        zs = _in_factors(xr, [p for p, _ in inputs], [d for _, d in inputs], counts) if inputs else []
         factor = {id(p): z for (p, _), z in zip(inputs, zs)}
-        row = {id(p): xm for (p, _), xm in zip(inputs, rows)}
         adapted = []
         for proj, base in ((gate, g), (up, u)):
             value = _rows(base, token, acc)                          # (M, I), a fresh copy
@@ -276,15 +265,14 @@ class _ExpertFFN(torch.autograd.Function):
             # The routing weight and scaling ride on the rank-r factor, not the wide output.
             extra.index_add_(0, token, _times(zd * (w * down.scaling), down.B, counts, True))
         z_g, z_u = factor.get(id(gate)), factor.get(id(up))
-        ctx.save_for_backward(x, weight, token, g_p, u_p, row.get(id(gate)), row.get(id(up)), z_g, z_u, zd,
-                              drop_g, drop_u, drop_a)
+        ctx.save_for_backward(x, weight, token, g_p, u_p, xr, z_g, z_u, zd, drop_g, drop_u, drop_a)
         ctx.counts, ctx.act_fn, ctx.projections = counts, act_fn, projections
         ctx.base_dtype = g.dtype                                     # of g and u, the frozen outputs
         return mixed, extra
 
     @staticmethod
     def backward(ctx, grad_mixed, grad_extra):
-        x, weight, token, g_p, u_p, x_g, x_u, z_g, z_u, zd, drop_g, drop_u, drop_a = ctx.saved_tensors
+        x, weight, token, g_p, u_p, xr, z_g, z_u, zd, drop_g, drop_u, drop_a = ctx.saved_tensors
         counts, act_fn, (gate, up, down) = ctx.counts, ctx.act_fn, ctx.projections
         acc = _acc(x)
         w = weight[:, None].to(acc)
@@ -308,17 +296,15 @@ class _ExpertFFN(torch.autograd.Function):
         if down is not None:
             grads["dA"] = _outer(d_zd, am, counts, down.A)
             del am
-        inputs = [(name, p, gr, z, d, xm) for name, p, gr, z, d, xm in (("g", gate, grad_g, z_g, drop_g, x_g),
-                                                                         ("u", up, grad_u, z_u, drop_u, x_u))
-                  if p is not None]
+        inputs = [(name, p, gr, z, d) for name, p, gr, z, d in (("g", gate, grad_g, z_g, drop_g),
+                                                                 ("u", up, grad_u, z_u, drop_u)) if p is not None]
         grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
         if inputs:
             d_zs = []
-            for name, proj, grad, z, drop, _ in inputs:
+            for name, proj, grad, z, drop in inputs:
                 grads[name + "B"] = _outer(grad, z * proj.scaling, counts, proj.B)
                 d_zs.append(_times(grad, proj.B, counts, False).mul_(proj.scaling / _keep(drop, proj.dropout)))
-            grad_As, grad_xs = _in_backward([i[5] for i in inputs], [i[1] for i in inputs], [i[4] for i in inputs],
-                                            d_zs, counts)
+            grad_As, grad_xs = _in_backward(xr, [i[1] for i in inputs], [i[4] for i in inputs], d_zs, counts)
             grad_x.index_add_(0, token, grad_xs)
             for (name, *_), grad_A in zip(inputs, grad_As):
                 grads[name + "A"] = grad_A
