@@ -1,13 +1,11 @@
 """Hub ids: a local folder first; a cached id (or any, offline) read from the cache alone; else a download."""
 
-import socket
 import time
 
 import huggingface_hub
 import pytest
 import transformers
 
-from mlora.data import sources
 from mlora.hub import AdapterNotFoundError, local_files_only, looks_like_hub_id, resolve_adapter
 from mlora.io import AdapterFileError
 from mlora.model.loading import ModelLoadError, load_base_model
@@ -25,42 +23,12 @@ def online_cache(monkeypatch, hf_home):
 
 
 @pytest.fixture
-def no_network(monkeypatch):
-    """Every attempt to resolve a host name or open a connection, recorded and refused."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("no network in this test")
-
-    # huggingface_hub (2.x) fetches a registry for its user-agent header once per process, online
-    # mode or not, and lives without it; counted as loaded here, so what is left is the loading.
-    agent = getattr(huggingface_hub.utils, "_detect_agent", None)
-    if agent is not None and hasattr(agent, "_EMPTY_REGISTRY"):
-        monkeypatch.setattr(agent, "_registry", agent._EMPTY_REGISTRY)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    return attempts
-
-
-@pytest.fixture
 def adapter_files(tmp_path):
     folder = tmp_path / "made"
     folder.mkdir()
     (folder / "adapter_config.json").write_text("{}")
     (folder / "adapter_model.safetensors").write_bytes(b"")
     return folder
-
-
-@pytest.fixture
-def no_probe(monkeypatch):
-    """Fail the test if the Hub would be probed (offline mode must not even try)."""
-
-    def probe(*args, **kwargs):
-        raise AssertionError("the Hub must not be probed in offline mode")
-
-    monkeypatch.setattr(sources, "hub_reachable", probe)
 
 
 @pytest.fixture
@@ -83,7 +51,7 @@ def test_hub_ids_and_paths_are_told_apart():
         assert not looks_like_hub_id(path), path
 
 
-def test_a_local_folder_wins_over_the_hub(tmp_path, monkeypatch, adapter_files, no_probe, calls):
+def test_a_local_folder_wins_over_the_hub(tmp_path, monkeypatch, adapter_files, no_network, calls):
     hf_home = offline_hub(monkeypatch, tmp_path / "hf")
     publish(hf_home, "owner/ad", adapter_files)
     local = tmp_path / "work" / "owner" / "ad"
@@ -94,7 +62,7 @@ def test_a_local_folder_wins_over_the_hub(tmp_path, monkeypatch, adapter_files, 
     assert calls == []
 
 
-def test_offline_hub_id_comes_from_the_cache(tmp_path, monkeypatch, adapter_files, no_probe, calls):
+def test_offline_hub_id_comes_from_the_cache(tmp_path, monkeypatch, adapter_files, no_network, calls):
     snapshot = publish(offline_hub(monkeypatch, tmp_path / "hf"), "owner/ad", adapter_files)
     monkeypatch.chdir(tmp_path)
     folder = resolve_adapter("owner/ad")
@@ -105,7 +73,7 @@ def test_offline_hub_id_comes_from_the_cache(tmp_path, monkeypatch, adapter_file
                                                   "adapter_model.bin"}
 
 
-def test_a_cached_id_is_read_from_the_cache_with_offline_mode_off(tmp_path, monkeypatch, adapter_files, no_probe,
+def test_a_cached_id_is_read_from_the_cache_with_offline_mode_off(tmp_path, monkeypatch, adapter_files, no_network,
                                                                   calls):
     snapshot = publish(online_cache(monkeypatch, tmp_path / "hf"), "owner/ad", adapter_files)
     monkeypatch.chdir(tmp_path)
@@ -113,7 +81,7 @@ def test_a_cached_id_is_read_from_the_cache_with_offline_mode_off(tmp_path, monk
     assert calls[0][1]["local_files_only"] is True
 
 
-def test_offline_without_a_cached_copy_says_how_to_use_a_folder(tmp_path, monkeypatch, no_probe):
+def test_offline_without_a_cached_copy_says_how_to_use_a_folder(tmp_path, monkeypatch, no_network):
     offline_hub(monkeypatch, tmp_path / "hf")
     monkeypatch.chdir(tmp_path)
     start = time.monotonic()
@@ -130,7 +98,7 @@ def test_offline_without_a_cached_copy_says_how_to_use_a_folder(tmp_path, monkey
     assert isinstance(caught.value, AdapterFileError)
 
 
-def test_missing_paths_and_files_are_named(tmp_path, monkeypatch, no_probe):
+def test_missing_paths_and_files_are_named(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(AdapterNotFoundError, match=f"adapter folder {tmp_path / 'nope'} does not exist"):
         resolve_adapter(tmp_path / "nope")
@@ -141,7 +109,7 @@ def test_missing_paths_and_files_are_named(tmp_path, monkeypatch, no_probe):
         resolve_adapter(tmp_path / "weights.bin")
 
 
-def test_a_cached_model_id_loads_without_network_or_patched_globals(tmp_path, monkeypatch, no_probe, no_network):
+def test_a_cached_model_id_loads_without_network_or_patched_globals(tmp_path, monkeypatch, no_network):
     hf_home = online_cache(monkeypatch, tmp_path / "hf")
     publish(hf_home, "owner/tiny-base", save_tiny(tiny_model(), word_tokenizer(), tmp_path / "base"))
     monkeypatch.chdir(tmp_path)
@@ -159,7 +127,7 @@ def test_a_cached_model_id_loads_without_network_or_patched_globals(tmp_path, mo
     assert seen == [(False, True)] and no_network == []
 
 
-def test_an_id_absent_in_offline_mode_is_a_one_line_error_naming_it(tmp_path, monkeypatch, no_probe, no_network):
+def test_an_id_absent_in_offline_mode_is_a_one_line_error_naming_it(tmp_path, monkeypatch, no_network):
     offline_hub(monkeypatch, tmp_path / "hf")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the environment alone says offline
     monkeypatch.chdir(tmp_path)

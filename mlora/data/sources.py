@@ -10,20 +10,19 @@ An adapter's `data` value is one of
 * a hub id, optionally with a subset: "owner/name" or "owner/name:subset".
 
 Rows are returned in `RowChunk`s that remember where each row came from, so a malformed row
-is reported with its file and number. Tests never reach the network: with HF_HUB_OFFLINE
-set the hub libraries are held offline for the call (cached copies still load).
+is reported with its file and number. A hub dataset is loaded by `datasets` under its own
+offline setting: HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE), which it reads when it is first
+imported, here when the first hub dataset is asked for; then only cached copies load. Nothing
+is probed and no library setting is changed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import re
-import socket
-import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,13 +43,8 @@ SPLIT_ALIASES = {
     "test": ("test",),
 }
 
-# How long to wait for a TCP connection to the Hub before treating it as unreachable; the
-# hub client would otherwise retry for a minute or more on a machine without network.
-HUB_PROBE_TIMEOUT_S = 3.0
-
 _TRUE = ("1", "on", "yes", "true")
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 @dataclass(frozen=True)
@@ -233,59 +227,23 @@ def offline_requested() -> bool:
     return any(os.environ.get(name, "").strip().lower() in _TRUE for name in _OFFLINE_VARIABLES)
 
 
-def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the Hub endpoint opens within `timeout` seconds."""
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
-        return True  # only the proxy knows; let the hub client try through it
-    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _hub_held_offline(offline: bool) -> Iterator[None]:
-    # `datasets` and `huggingface_hub` read HF_HUB_OFFLINE once, at import. To honour it (or
-    # an unreachable Hub) at call time, hold their offline flags for this call only: they
-    # then look in the local cache and refuse any request instead of retrying for minutes.
-    if not offline:
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants as hub_constants
-
-    saved = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub_constants.HF_HUB_OFFLINE)
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-    hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
-
-
 def _hub_chunks(
     hub_id: str, subset: str | None, split: str, name: str, trust_remote_code: bool, note: str = ""
 ) -> list[RowChunk]:
     import datasets  # heavy; only hub users pay for it
+    import datasets.config
 
     described = f"{hub_id!r}" + (f" (subset {subset!r})" if subset else "") + f", split {split!r}"
-    if offline_requested():
-        offline, reason = True, "offline mode is on (HF_HUB_OFFLINE) and no cached copy was found"
-    elif not hub_reachable():
-        offline, reason = True, f"the Hub did not answer within {HUB_PROBE_TIMEOUT_S:g} s and no cached copy was found"
-    else:
-        offline, reason = False, ""
     # trust_remote_code only travels when the caller asked for it (newer `datasets` refuse it).
     extra = {"trust_remote_code": True} if trust_remote_code else {}
     try:
-        with _hub_held_offline(offline):
-            dataset = datasets.load_dataset(hub_id, subset, split=split, **extra)
+        dataset = datasets.load_dataset(hub_id, subset, split=split, **extra)
         rows = [dict(row) for row in dataset]
     except Exception as exc:  # the hub stack raises many types; all mean "could not load"
-        cause = reason or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if datasets.config.HF_HUB_OFFLINE:
+            cause = "offline mode is on (HF_HUB_OFFLINE) and no cached copy was found"
+        else:
+            cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise DataError(
             f"{name}: could not load the dataset {described} from the Hugging Face Hub: {cause}.{note} "
             + local_copy_hint(split)

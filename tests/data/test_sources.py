@@ -1,5 +1,5 @@
 """Local files and folders in every format, and the Hub path, which is never reached: it is
-tested with HF_HUB_OFFLINE set and with `datasets.load_dataset` replaced."""
+tested offline (an empty cache) and with `datasets.load_dataset` replaced."""
 
 import json
 import time
@@ -11,7 +11,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from mlora.data import DataError, build_training_examples, load_items, sources
+from mlora.data import DataError, build_training_examples, load_items
 
 PIQA_ROWS = [
     {"goal": "To cool soup,", "sol1": "stir it in a wide bowl.", "sol2": "cover it with a blanket.", "label": 0},
@@ -172,19 +172,26 @@ def test_broken_json_line_is_located(tmp_path):
 # ----------------------------------------------------------------------------- the Hub
 
 
+def _hub_mode(monkeypatch, offline: bool) -> None:
+    """Offline mode on or off as a user's shell sets it: the environment, and the settings the hub
+    libraries read from it when they were imported (before this test)."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+
+
 @pytest.fixture
-def no_probe(monkeypatch):
-    """Fail the test if the code would open a connection to probe the Hub."""
-
-    def probe(*args, **kwargs):
-        raise AssertionError("the Hub must not be probed here")
-
-    monkeypatch.setattr(sources, "hub_reachable", probe)
+def offline(monkeypatch):
+    _hub_mode(monkeypatch, True)
 
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """Replace `datasets.load_dataset`; records each call and the offline flags it saw."""
+    """Replace `datasets.load_dataset`; records each call and the offline settings it saw."""
     calls = []
 
     def load_dataset(path, name=None, split=None, **kwargs):
@@ -198,13 +205,11 @@ def fake_hub(monkeypatch):
     return calls
 
 
-def test_offline_hub_error_says_how_to_use_a_local_copy(monkeypatch, tmp_path, no_probe):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # An empty cache: the real loader, held offline, must give up at once.
+def test_offline_hub_error_says_how_to_use_a_local_copy(monkeypatch, tmp_path, offline, no_network):
+    # An empty cache: the real loader, offline, must give up at once and open no connection.
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
-    flags = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
     start = time.monotonic()
     with pytest.raises(DataError) as caught:
         load_items("arc-c", "eval")
@@ -214,11 +219,10 @@ def test_offline_hub_error_says_how_to_use_a_local_copy(monkeypatch, tmp_path, n
     assert "offline mode is on (HF_HUB_OFFLINE)" in text
     assert '"data": "path/to/folder"' in text
     assert "--data_path path/to/folder" in text
-    assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == flags
+    assert no_network == []
 
 
-def test_hub_call_arguments(monkeypatch, fake_hub, no_probe):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_call_arguments(fake_hub, offline):
     assert _piqa_answers(load_items("piqa", "eval")) == PIQA_EXPECTED
     load_items("piqa", "train", trust_remote_code=True)
     load_items("piqa", "train", "someone/piqa-mirror:clean")
@@ -227,31 +231,29 @@ def test_hub_call_arguments(monkeypatch, fake_hub, no_probe):
         ("ybisk/piqa", None, "train", {"trust_remote_code": True}),
         ("someone/piqa-mirror", "clean", "train", {}),
     ]
-    # Held offline during the call: cache only, no request.
-    assert all(call["offline"] == (True, True) for call in fake_hub)
 
 
-def test_hub_subset_follows_the_dataset(monkeypatch, fake_hub, no_probe):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_subset_follows_the_dataset(fake_hub, offline):
     for data in ("allenai/ai2_arc", "mirror/arc"):
         with pytest.raises(DataError):  # PIQA rows do not parse as ARC; only the call matters here
             load_items("arc-c", "train", data)
     assert [(c["path"], c["name"]) for c in fake_hub] == [("allenai/ai2_arc", "ARC-Challenge"), ("mirror/arc", None)]
 
 
-def test_unreachable_hub_falls_back_to_the_cache(monkeypatch, fake_hub):
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(sources, "hub_reachable", lambda *a, **k: False)
+@pytest.mark.parametrize("mode", [False, True], ids=["online", "offline"])
+def test_offline_mode_is_the_libraries_own_setting(monkeypatch, fake_hub, no_network, mode):
+    """mlora neither probes the Hub nor changes a library's offline setting: `datasets` loads
+    under the mode the environment gave it (and, offline, reads its cache alone)."""
+    _hub_mode(monkeypatch, mode)
     load_items("piqa", "eval")
-    monkeypatch.setattr(sources, "hub_reachable", lambda *a, **k: True)
-    load_items("piqa", "eval")
-    flags = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
-    assert [call["offline"] for call in fake_hub] == [(True, True), flags]
+    assert [call["offline"] for call in fake_hub] == [(mode, mode)]
+    assert no_network == []
+    assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == (mode, mode)
 
 
-def test_hub_failure_is_a_data_error(monkeypatch, no_probe):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("mode", [False, True], ids=["online", "offline"])
+def test_hub_failure_is_a_data_error(monkeypatch, mode):
+    _hub_mode(monkeypatch, mode)
 
     def load_dataset(*args, **kwargs):
         raise ConnectionError("boom")
@@ -262,4 +264,6 @@ def test_hub_failure_is_a_data_error(monkeypatch, no_probe):
     text = str(caught.value)
     assert "could not load the dataset 'data/siqa', split 'validation'" in text
     assert "There is no local file or folder 'data/siqa' either." in text
+    # Why: offline mode when it is on, else the library's own error.
+    assert ("offline mode is on (HF_HUB_OFFLINE)" if mode else "ConnectionError: boom") in text
     assert isinstance(caught.value.__cause__, ConnectionError)
