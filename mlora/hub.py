@@ -29,9 +29,17 @@ ADAPTER_FILES = [ADAPTER_CONFIG, SAFETENSORS_FILE, BIN_FILE]
 # "owner/name" as the Hub spells repository ids; anything else that is not a folder is a path.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
+_TRUE = ("1", "on", "yes", "true")
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
 
 class AdapterNotFoundError(AdapterFileError):
     """An adapter is neither a local folder nor a repository in the hub cache or on the Hub."""
+
+
+def offline_requested() -> bool:
+    """True when the environment asks for no Hub access (read at call time, not at import)."""
+    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in _OFFLINE_VARIABLES)
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -56,8 +64,6 @@ def local_files_only(name_or_path: str | os.PathLike, filename: str = "config.js
         True for a hub id that is already cached or when offline mode is on (HF_HUB_OFFLINE);
         pass it as ``local_files_only`` to ``from_pretrained`` / ``snapshot_download``.
     """
-    from mlora.data.sources import offline_requested
-
     text = os.fspath(name_or_path)
     if Path(text).expanduser().exists() or not looks_like_hub_id(text):
         return False
@@ -67,8 +73,6 @@ def local_files_only(name_or_path: str | os.PathLike, filename: str = "config.js
 def not_loaded_reason(repo_id: str, err: BaseException) -> str:
     """Why hub id `repo_id` could not be loaded under the rule, on one line (after "could not load X: ")."""
     from huggingface_hub import constants
-
-    from mlora.data.sources import offline_requested
 
     if offline_requested():
         return (f"it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and offline mode is on "
@@ -107,8 +111,6 @@ def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
 def _hub_snapshot(repo_id: str) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-
-    from mlora.data.sources import offline_requested
 
     local = f"pass the path of a local adapter folder (one holding {ADAPTER_CONFIG} and the weights) instead"
     try:

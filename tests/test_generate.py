@@ -82,13 +82,14 @@ def test_the_mixlora_readme_line_runs_as_written(folders, tmp_path):
     (["--lora_weights", "{lora}", "--template", "template/vicuna.json"], "'template/vicuna.json' is neither"),
     (["--lora_weights", "{lora}", "--base_model", "{tmp}/no-base"], "base model folder {tmp}/no-base does not exist"),
 ])
-def test_errors_are_one_line_exit_2(folders, tmp_path, monkeypatch, capsys, args, message):
+def test_errors_are_one_line_exit_2(folders, tmp_path, monkeypatch, capsys, args, message, no_network):
     offline_hub(monkeypatch, tmp_path / "hf")
     fill = {"tmp": tmp_path, "lora": folders["lora"]}
     assert main([a.format(**fill) for a in args] + ["--instruction", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message.format(**fill) in err
+    assert no_network == []
 
 
 def test_command_line_error_has_no_traceback(tmp_path):

@@ -43,10 +43,6 @@ SPLIT_ALIASES = {
     "test": ("test",),
 }
 
-_TRUE = ("1", "on", "yes", "true")
-_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
 @dataclass(frozen=True)
 class RowChunk:
     """Rows from one origin (a file or a hub split).
@@ -220,11 +216,6 @@ def _looks_like_path(data: str) -> bool:
 
 
 # --------------------------------------------------------------------------- the Hub
-
-
-def offline_requested() -> bool:
-    """True when the environment asks for no Hub access (read at call time, not at import)."""
-    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in _OFFLINE_VARIABLES)
 
 
 def _hub_chunks(

@@ -81,7 +81,7 @@ def test_base_model_name_is_the_base_actually_loaded(tmp_path, base):
     assert config.base_model_name_or_path == "someone/not-downloaded"  # an unnamed in-memory model
 
 
-def test_hub_ids_for_adapter_and_base_from_an_offline_cache(tmp_path, monkeypatch, base):
+def test_hub_ids_for_adapter_and_base_from_an_offline_cache(tmp_path, monkeypatch, base, no_network):
     folder = saved(tmp_path, moe_cfg("m"), "owner/tiny-base")
     hf_home = offline_hub(monkeypatch, tmp_path / "hf")
     publish(hf_home, "owner/tiny-base", base)
@@ -95,6 +95,7 @@ def test_hub_ids_for_adapter_and_base_from_an_offline_cache(tmp_path, monkeypatc
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(by_id(ids).logits, by_folder(ids).logits)
+    assert no_network == []  # the ids came from the hand-built cache: no connection was even tried
 
 
 def test_base_model_name_is_no_run_config_key():

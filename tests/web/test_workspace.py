@@ -138,7 +138,7 @@ def test_missing_and_empty_folders(run, tmp_path):
         load_workspace([str(tmp_path / "empty")])
 
 
-def test_the_mixlora_readme_line_loads_hub_ids(run, tmp_path, monkeypatch):
+def test_the_mixlora_readme_line_loads_hub_ids(run, tmp_path, monkeypatch, no_network):
     # The seed's line: base and adapter named by hub ids (served from a local hub cache), m-LoRA's template path.
     hf_home = offline_hub(monkeypatch, tmp_path / "hf")
     publish(hf_home, "owner/tiny-base", run["base"])
@@ -147,3 +147,4 @@ def test_the_mixlora_readme_line_loads_hub_ids(run, tmp_path, monkeypatch):
     ws = load_workspace(["owner/mixlora-tiny"], base_model="owner/tiny-base", template="template/alpaca.json")
     assert list(ws.adapters) == ["mixlora-tiny"] and ws.adapters["mixlora-tiny"].kind == "MixLoRA"
     assert ws.base_model == "owner/tiny-base"
+    assert no_network == []  # served from the hand-built cache alone
